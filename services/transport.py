@@ -1,0 +1,131 @@
+"""ZeroMQ plumbing shared by every service: typed send/receive, keep-latest draining, counters.
+
+Sockets and codecs are owned by the caller (one per thread); nothing here is global.
+PUB sockets send ``[topic, header, *buffers]``; DEALER/ROUTER carry ``[header, *buffers]``
+(a ROUTER sees the peer identity first). See protocols/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as _socket
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgspec
+import zmq
+
+from protocols import Decoder, Encoder, Error, ProtocolError
+
+log = logging.getLogger("neuroarcade.transport")
+
+# Topics on PUB sockets (prefix-matched by SUB subscriptions).
+TOPIC_FRAME = b"frame"
+TOPIC_ACTIVATION = b"activation"
+TOPIC_BOLD = b"bold"
+TOPIC_TRIGGER = b"trigger"
+TOPIC_PREDICTION = b"prediction"
+TOPIC_HEARTBEAT = b"heartbeat"
+
+# Default loopback endpoints (PROTOCOL.md, "Sockets").
+DEFAULT_FRAMES = "tcp://127.0.0.1:5555"
+DEFAULT_CONTROL = "tcp://127.0.0.1:5556"
+DEFAULT_ACTIVATIONS = "tcp://127.0.0.1:5557"
+DEFAULT_BOLD = "tcp://127.0.0.1:5558"
+DEFAULT_PREDICTIONS = "tcp://127.0.0.1:5559"
+
+# Bounded queues: a slow peer loses messages at the high-water mark, never stalls the sender.
+DEFAULT_HWM = 64
+
+
+@dataclass
+class Counters:
+    """Per-service message counters; the service owns one and reports it."""
+
+    received: int = 0
+    sent: int = 0
+    rejected: int = 0
+    rejected_by_code: dict[str, int] = field(default_factory=dict)
+
+    def reject(self, err: ProtocolError) -> None:
+        self.rejected += 1
+        self.rejected_by_code[err.code] = self.rejected_by_code.get(err.code, 0) + 1
+
+
+def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
+    """A loopback TCP endpoint on a port free right now (for tests and ephemeral services)."""
+    with _socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, hwm: int = DEFAULT_HWM, linger_ms: int = 500) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    # A short linger lets the last replies (e.g. ~100 kB frames) leave before close; never hang on exit.
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    return sock
+
+
+class Channel:
+    """A socket plus its codec and counters: ``send`` typed messages, ``recv`` validated ones."""
+
+    def __init__(self, sock: zmq.Socket, decoder: Decoder | None = None, counters: Counters | None = None):
+        self.sock = sock
+        self.encoder = Encoder()
+        self.decoder = decoder or Decoder()
+        self.counters = counters if counters is not None else Counters()
+
+    def send(self, msg: msgspec.Struct, *, topic: bytes | None = None, identity: bytes | None = None,
+             flags: int = 0) -> None:
+        parts = self.encoder.encode(msg)
+        prefix = [p for p in (identity, topic) if p is not None]
+        self.sock.send_multipart(prefix + parts, flags=flags, copy=False)
+        self.counters.sent += 1
+
+    def recv_parts(self, flags: int = 0) -> list[Any]:
+        return self.sock.recv_multipart(flags=flags, copy=False)
+
+    def decode(self, parts: Sequence[Any]) -> msgspec.Struct | None:
+        """Decode validated parts; on a bad message count it, log it and return None."""
+        try:
+            msg = self.decoder.decode(parts)
+        except ProtocolError as err:
+            self.counters.reject(err)
+            log.debug("rejected message: %s", err)
+            return None
+        self.counters.received += 1
+        return msg
+
+    def error_reply(self, err: ProtocolError, identity: bytes | None = None) -> None:
+        """Best-effort Error reply; never blocks (a peer that does not read loses it)."""
+        try:
+            self.send(Error(code=err.code, detail=err.detail[:500], ref_kind=err.ref_kind), identity=identity,
+                      flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+
+def split_topic(parts: Sequence[Any]) -> tuple[bytes, Sequence[Any]]:
+    """For PUB/SUB traffic: return (topic, message parts)."""
+    topic = parts[0].bytes if hasattr(parts[0], "bytes") else bytes(parts[0])
+    return topic, parts[1:]
+
+
+def recv_latest(sock: zmq.Socket, timeout_ms: int) -> tuple[list[Any] | None, int]:
+    """Wait up to ``timeout_ms`` for a message, then drain the queue and keep only the newest.
+
+    CONFLATE cannot hold multipart messages, so keep-latest is done by draining with NOBLOCK.
+    Returns ``(parts or None on timeout, number of older messages discarded)``.
+    """
+    if not sock.poll(timeout_ms, zmq.POLLIN):
+        return None, 0
+    latest = sock.recv_multipart(copy=False)
+    dropped = 0
+    while True:
+        try:
+            latest = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            dropped += 1
+        except zmq.Again:
+            return latest, dropped

@@ -1,0 +1,51 @@
+"""Shared fixtures: a real emulator on loopback with ephemeral ports, run in a thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from services.emulator import Emulator, EmulatorConfig
+from services.game import GameSettings
+from services.transport import free_tcp_endpoint
+
+
+class RunningEmulator:
+    def __init__(self, cfg: EmulatorConfig):
+        self.cfg = cfg
+        self.emu = Emulator(cfg)
+        self.summary = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.emu.ready.wait(10), "emulator did not bind"
+
+    def _run(self):
+        self.summary = self.emu.run()
+
+    def stop(self, timeout: float = 10):
+        self.emu.stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "emulator did not stop"
+        return self.summary
+
+
+@pytest.fixture
+def start_emulator(tmp_path: Path):
+    """Factory: start_emulator(mode=..., **config) -> RunningEmulator (stopped at teardown)."""
+    running: list[RunningEmulator] = []
+
+    def _start(game: str = "ALE/Pong-v5", sticky: float = 0.0, seed: int = 0, **kw) -> RunningEmulator:
+        kw.setdefault("frames_endpoint", free_tcp_endpoint())
+        kw.setdefault("control_endpoint", free_tcp_endpoint())
+        kw.setdefault("record_path", str(tmp_path / f"session{len(running)}.narec"))
+        cfg = EmulatorConfig(game=GameSettings(game=game, seed=seed, repeat_action_probability=sticky), **kw)
+        r = RunningEmulator(cfg)
+        running.append(r)
+        return r
+
+    yield _start
+    for r in running:
+        if r.thread.is_alive():
+            r.stop()
