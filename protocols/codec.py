@@ -15,12 +15,16 @@ from typing import Any, Sequence
 import msgspec
 import numpy as np
 
-from .messages import KINDS, PROTOCOL_VERSION, ErrorCode
+from .messages import KINDS, PROTOCOL_VERSION, ErrorCode, Message
 
 # Little-endian fixed-size dtypes a peer may send; names are numpy's canonical names.
 ALLOWED_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name).newbyteorder("<")
     for name in ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32", "float64", "bool")
+}
+# native dtype object → wire name, for the encoder's hot path
+_WIRE_NAMES: dict[np.dtype, str] = {
+    np.dtype(name): name for name in ALLOWED_DTYPES if np.dtype(name).byteorder in ("=", "|", "<")
 }
 MAX_NDIM = 8
 MAX_HEADER_BYTES = 1 << 20
@@ -61,14 +65,17 @@ class Encoder:
 
     def _enc_hook(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
-            name = obj.dtype.name
-            if name not in ALLOWED_DTYPES:
-                raise TypeError(f"dtype {obj.dtype} cannot go on the wire")
-            arr = np.ascontiguousarray(obj)
-            if arr.dtype.byteorder == ">":
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            self._bufs.append(arr if arr.nbytes else b"")
-            return {"dtype": name, "shape": list(arr.shape), "buf": len(self._bufs) - 1}
+            dtype = obj.dtype
+            name = _WIRE_NAMES.get(dtype)
+            if name is None:
+                if dtype.name not in ALLOWED_DTYPES:
+                    raise TypeError(f"dtype {dtype} cannot go on the wire")
+                obj = obj.astype(ALLOWED_DTYPES[dtype.name])  # big-endian → little-endian
+                name = dtype.name
+            if not obj.flags.c_contiguous:
+                obj = np.ascontiguousarray(obj)
+            self._bufs.append(obj if obj.nbytes else b"")
+            return {"dtype": name, "shape": list(obj.shape), "buf": len(self._bufs) - 1}
         raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
@@ -77,13 +84,13 @@ class Decoder:
 
     def __init__(self, accept: Sequence[type] | None = None) -> None:
         """``accept``: message types this endpoint takes; others raise NOT_ALLOWED."""
-        self._accept = {t.__struct_config__.tag for t in accept} if accept else set(KINDS)
+        self._accept = tuple(accept) if accept else tuple(KINDS.values())
         self._envelope = msgspec.msgpack.Decoder(_Envelope)
-        self._decoders = {
-            kind: msgspec.msgpack.Decoder(t, dec_hook=self._dec_hook) for kind, t in KINDS.items()
-        }
+        # One pass over the header on the happy path; the envelope is read only to explain a failure.
+        self._decoder = msgspec.msgpack.Decoder(Message, dec_hook=self._dec_hook)
         self._bufs: Sequence[Any] = ()
-        self._used: set[int] = set()
+        self._used = 0
+        self._used_mask = 0
 
     def decode(self, parts: Sequence[Any]) -> msgspec.Struct:
         """``parts``: the frames after any topic/identity frames (bytes, memoryview or zmq.Frame)."""
@@ -92,72 +99,78 @@ class Decoder:
         header = _as_buffer(parts[0])
         if len(header) > MAX_HEADER_BYTES:
             raise ProtocolError(ErrorCode.BAD_HEADER, f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+        self._bufs = [_as_buffer(p) for p in parts[1:]] if len(parts) > 1 else ()
+        self._used = self._used_mask = 0
+        try:
+            msg = self._decoder.decode(header)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise self._explain(header, e) from None
+        finally:
+            n_bufs, self._bufs = len(self._bufs), ()
+        if msg.v != PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {msg.v}, expected {PROTOCOL_VERSION}",
+                                msg.__struct_config__.tag)
+        if not isinstance(msg, self._accept):
+            raise ProtocolError(ErrorCode.NOT_ALLOWED, f"{msg.__struct_config__.tag} is not accepted on this socket",
+                                msg.__struct_config__.tag)
+        if self._used != n_bufs:
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"{n_bufs} data frames sent, {self._used} referenced",
+                                msg.__struct_config__.tag)
+        return msg
+
+    def _explain(self, header: memoryview, err: Exception) -> ProtocolError:
+        """Name the real problem of a header that failed to decode."""
         try:
             env = self._envelope.decode(header)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"header is not a map with int 'v' and str 'kind': {e}") from None
+            return ProtocolError(ErrorCode.BAD_HEADER, f"header is not a map with int 'v' and str 'kind': {e}")
         if env.v != PROTOCOL_VERSION:
-            raise ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {env.v}, expected {PROTOCOL_VERSION}", env.kind)
+            return ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {env.v}, expected {PROTOCOL_VERSION}",
+                                 env.kind[:64])
         if env.kind not in KINDS:
-            raise ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown kind {env.kind[:64]!r}", env.kind[:64])
-        if env.kind not in self._accept:
-            raise ProtocolError(ErrorCode.NOT_ALLOWED, f"{env.kind} is not accepted on this socket", env.kind)
-        self._bufs = [_as_buffer(p) for p in parts[1:]]
-        self._used = set()
-        try:
-            msg = self._decoders[env.kind].decode(header)
-        except ProtocolError as e:
-            e.ref_kind = env.kind
-            raise
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            # dec_hook errors surface here wrapped by msgspec; keep their code when they carry one.
-            cause = e.__cause__ or e.__context__
-            if isinstance(cause, ProtocolError):
-                raise ProtocolError(cause.code, cause.detail, env.kind) from None
-            raise ProtocolError(ErrorCode.BAD_HEADER, f"{env.kind}: {e}", env.kind) from None
-        finally:
-            bufs, self._bufs = self._bufs, ()
-        if len(self._used) != len(bufs):
-            raise ProtocolError(
-                ErrorCode.BAD_PAYLOAD, f"{len(bufs)} data frames sent, {len(self._used)} referenced", env.kind
-            )
-        return msg
+            return ProtocolError(ErrorCode.UNKNOWN_KIND, f"unknown kind {env.kind[:64]!r}", env.kind[:64])
+        # dec_hook errors surface wrapped by msgspec; keep their code when they carry one
+        cause = err.__cause__ or err.__context__
+        if isinstance(cause, ProtocolError):
+            return ProtocolError(cause.code, cause.detail, env.kind)
+        return ProtocolError(ErrorCode.BAD_HEADER, f"{env.kind}: {err}", env.kind)
 
     def _dec_hook(self, type_: type, obj: Any) -> Any:
         if type_ is not np.ndarray:
             raise TypeError(f"unsupported type {type_}")
-        ref = _array_ref(obj)
-        i = ref["buf"]
-        if i >= len(self._bufs) or i in self._used:
+        if type(obj) is not dict or len(obj) != 3:
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "array reference must be a map with exactly dtype, shape, buf")
+        try:
+            dtype = ALLOWED_DTYPES[obj["dtype"]]
+            shape = obj["shape"]
+            i = obj["buf"]
+        except (KeyError, TypeError):
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "array reference must be a map with exactly dtype, shape, buf "
+                                                       "(dtype one of the allowed names)") from None
+        _check_shape_and_index(shape, i)
+        if i >= len(self._bufs) or (self._used_mask >> i) & 1:
             raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"array refers to data frame {i}, which is missing or reused")
-        dtype = ALLOWED_DTYPES[ref["dtype"]]
-        shape = ref["shape"]
         expected = math.prod(shape) * dtype.itemsize
         buf = self._bufs[i]
         if len(buf) != expected:
             raise ProtocolError(
                 ErrorCode.BAD_PAYLOAD,
-                f"data frame {i} holds {len(buf)} bytes, shape {shape} × {ref['dtype']} needs {expected}",
+                f"data frame {i} holds {len(buf)} bytes, shape {shape} × {dtype.name} needs {expected}",
             )
-        self._used.add(i)
+        self._used += 1
+        self._used_mask |= 1 << i
         return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def _array_ref(obj: Any) -> dict:
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "buf"}:
-        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "array reference must be a map with exactly dtype, shape, buf")
-    dtype, shape, buf = obj["dtype"], obj["shape"], obj["buf"]
-    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-        raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"dtype {str(dtype)[:32]!r} not allowed")
+def _check_shape_and_index(shape: Any, i: Any) -> None:
     if (
-        not isinstance(shape, list)
+        type(shape) is not list
         or len(shape) > MAX_NDIM
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+        or not all(type(n) is int and n >= 0 for n in shape)
     ):
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"shape must be a list of ≤{MAX_NDIM} non-negative ints")
-    if not isinstance(buf, int) or isinstance(buf, bool) or buf < 0:
+    if type(i) is not int or i < 0:
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, "buf must be a non-negative int")
-    return obj
 
 
 def _as_buffer(part: Any) -> memoryview:
