@@ -3,9 +3,12 @@ which import nothing heavy at module level so that `neuroarcade --help` stays in
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from neuroarcade.commands import agents, bench, encoding, game, product
+from neuroarcade.commands import agents, bench, dashboard, deploy, encoding, game, product
 
 app = typer.Typer(
     name="neuroarcade",
@@ -15,7 +18,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (game, agents, encoding, product):
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", envvar="NEUROARCADE_CONFIG", exists=True, dir_okay=False,
+        help="Pipeline config (TOML): a table named after a command sets that command's option defaults; "
+             "the tables game, agents, scanner, encoder, outputs, dashboard describe the closed loop.",
+    ),
+) -> None:
+    """neuroarcade: run `neuroarcade COMMAND --help` for each job."""
+    from neuroarcade.config import ConfigError, default_map, load_config
+
+    ctx.obj = {"config": {}, "config_path": None}
+    if config is not None:
+        try:
+            cfg = load_config(config)
+        except ConfigError as e:
+            raise typer.BadParameter(str(e), param_hint="--config") from None
+        ctx.obj = {"config": cfg, "config_path": config}
+        ctx.default_map = {**(ctx.default_map or {}), **default_map(cfg)}
+
+
+for area in (game, agents, encoding, product, dashboard, deploy):
     area.register(app)
 app.add_typer(bench.app, name="bench", help="Benchmarks: each prints ratios against a floor measured in the same run.")
 
