@@ -17,6 +17,7 @@ import zmq
 
 from protocols import Action, Bye, Decoder, Error, Frame, Heartbeat, Hello, Status, Welcome
 
+from .security import CurveConfig, secure_connect
 from .transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_FRAME, Channel, Counters, make_socket, recv_latest, split_topic,
 )
@@ -37,7 +38,7 @@ class ClientStats:
 class GameClient:
     def __init__(self, client_id: str, *, role: str = "observer", frames_endpoint: str = DEFAULT_FRAMES,
                  control_endpoint: str = DEFAULT_CONTROL, model: str = "", conditions: list[str] | None = None,
-                 ctx: zmq.Context | None = None, hello_timeout_s: float = 2.0):
+                 ctx: zmq.Context | None = None, hello_timeout_s: float = 2.0, curve: CurveConfig | None = None):
         self.client_id = client_id
         self.requested_role = role
         self.role = role
@@ -48,6 +49,7 @@ class GameClient:
         self.conditions = list(conditions or [])
         self.ctx = ctx or zmq.Context.instance()
         self.hello_timeout_s = hello_timeout_s
+        self.curve = curve
         self.stats = ClientStats()
         self.counters = Counters()
         self.welcome: Welcome | None = None
@@ -56,7 +58,7 @@ class GameClient:
         self._next_beat = 0.0
         self.sub = make_socket(self.ctx, zmq.SUB, hwm=4)
         self.sub.setsockopt(zmq.SUBSCRIBE, TOPIC_FRAME)
-        self.sub.connect(frames_endpoint)
+        secure_connect(self.sub, frames_endpoint, curve)
         self._sub_channel = Channel(self.sub, Decoder([Frame]), self.counters)
         self._open_dealer()
 
@@ -65,7 +67,7 @@ class GameClient:
     def _open_dealer(self) -> None:
         self.dealer = make_socket(self.ctx, zmq.DEALER, hwm=64, linger_ms=0)
         self.dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a half-open peer
-        self.dealer.connect(self.control_endpoint)
+        secure_connect(self.dealer, self.control_endpoint, self.curve)
         self.control = Channel(self.dealer, Decoder([Welcome, Heartbeat, Error]), self.counters)
 
     def join(self, timeout_s: float = 30.0) -> Welcome:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import signal
 import threading
 import time
@@ -34,6 +35,7 @@ from protocols import (
 )
 
 from .game import GameEnv, GameSettings, frame_hash, new_session_id, settings_from_header
+from .security import CurveConfig, ServerSecurity
 from .recording import ActionLog, End, Recording, RecordingWriter, Reset, Step, TriggerMark, read_recording
 from .transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_FRAME, TOPIC_HEARTBEAT, Channel, Counters, make_socket,
@@ -45,6 +47,8 @@ MODES = ("realtime", "lockstep", "replay")
 TIMEOUT_POLICIES = ("repeat", "noop", "wait")
 # Messages handled per poll wake-up: a flood can delay a step by at most this much work.
 MAX_MESSAGES_PER_WAKE = 256
+# Per-client latency samples kept for percentiles (bounded: sessions can run for hours).
+STATS_WINDOW = 10_000
 
 
 @dataclass
@@ -91,6 +95,10 @@ class EmulatorConfig:
     """High-water mark of the frame PUB socket (frames a slow subscriber may lag before drops)."""
     meta: dict[str, str] = field(default_factory=dict)
     """Labels stored in the recording header (subject, session, task, run …)."""
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    """CURVE keys; required when an endpoint is not loopback."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (None = off; 0 = any free port)."""
 
 
 @dataclass
@@ -99,8 +107,10 @@ class _Client:
     role: str
     last_seen_ns: int
     actions: int = 0
-    rt_ns: list[int] = field(default_factory=list)
-    staleness: list[int] = field(default_factory=list)
+    rt_ns: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
+    """Frame publication → action receipt, on the emulator clock (recent window)."""
+    staleness: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
+    """Frames published after the one acted on, when the action arrived (recent window)."""
 
 
 @dataclass
@@ -169,8 +179,15 @@ class Emulator:
         pub = make_socket(self.ctx, zmq.PUB, hwm=cfg.hwm)
         router = make_socket(self.ctx, zmq.ROUTER, hwm=1000)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        pub.bind(cfg.frames_endpoint)
-        router.bind(cfg.control_endpoint)
+        security = ServerSecurity(self.ctx, cfg.curve)
+        try:
+            security.bind(pub, cfg.frames_endpoint)
+            security.bind(router, cfg.control_endpoint)
+        except Exception:
+            pub.close(0)
+            router.close(0)
+            security.close()
+            raise
         self.frames = Channel(pub, counters=self.counters)
         self.control = Channel(router, counters=self.counters)
         record_path = cfg.record_path or str(Path("runs") / f"{self.session_id}.narec")
@@ -181,6 +198,11 @@ class Emulator:
         self.poller.register(router, zmq.POLLIN)
         self.t_start = time.monotonic_ns()
         self._next_status = self.t_start
+        if cfg.metrics_port is not None:
+            from .metrics import serve_metrics
+
+            self.metrics_server, _ = serve_metrics("emulator", self.snapshot, cfg.metrics_port)
+            self.metrics_port = self.metrics_server.server_port
         self.ready.set()
         reason = "stopped"
         try:
@@ -195,7 +217,10 @@ class Emulator:
             self._publish_status(force=True)
             pub.close()
             router.close()
+            security.close()
             self.game.close()
+            if getattr(self, "metrics_server", None) is not None:
+                self.metrics_server.shutdown()
         return EmulatorSummary(
             session_id=self.session_id, mode=cfg.mode, steps=self.steps, episodes=self.game.episode + 1,
             frames_published=self.frames_published, record_path=record_path, counters=self.counters,
@@ -203,6 +228,28 @@ class Emulator:
             hash_mismatches=self._mismatches, first_mismatch_seq=self._first_mismatch,
             clients={c.client_id: _client_stats(c) for c in self.clients.values()},
         )
+
+    def snapshot(self) -> dict:
+        """Counters and gauges for metrics (read from another thread: copies only)."""
+        c = self.counters
+        clients = list(self.clients.values())
+        stats = {cl.client_id: _client_stats(cl) for cl in clients}
+        return {
+            "counters": {
+                "messages_received": c.received, "messages_sent": c.sent,
+                "messages_rejected": dict(c.rejected_by_code), "steps": self.steps,
+                "frames_published": self.frames_published, "triggers": self._triggers,
+                "client_actions": {k: v["actions"] for k, v in stats.items()},
+            },
+            "gauges": {
+                "clients": len(clients), "frame_seq": self.seq,
+                "round_trip_p50_ms": {k: v["rt_p50_ms"] for k, v in stats.items()},
+                "round_trip_p99_ms": {k: v["rt_p99_ms"] for k, v in stats.items()},
+                "staleness_frames_mean": {k: v["staleness_mean"] for k, v in stats.items()},
+            },
+            "labels": {"messages_rejected": "code", "client_actions": "client", "round_trip_p50_ms": "client",
+                       "round_trip_p99_ms": "client", "staleness_frames_mean": "client"},
+        }
 
     def _should_stop(self) -> str | None:
         cfg = self.cfg

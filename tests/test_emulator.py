@@ -166,3 +166,21 @@ def test_client_rejoins_after_emulator_restart(start_emulator):
     assert time.monotonic() - t0 < 5
     c.close()
     emu2.stop()
+
+
+def test_prometheus_metrics_expose_counters(start_emulator):
+    import urllib.request
+
+    emu = start_emulator(mode="realtime", metrics_port=0)
+    ctl = _client(emu, "ctl")
+    f = ctl.next_frame(2000)
+    ctl.act(f, 1)
+    ctl.control.sock.send(b"garbage")
+    time.sleep(0.5)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{emu.emu.metrics_port}/metrics", timeout=5).read().decode()
+    emu.stop()
+    lines = {l.split(" ")[0]: float(l.split(" ")[1]) for l in body.splitlines() if l and not l.startswith("#")}
+    assert lines["neuroarcade_emulator_steps_total"] > 0
+    assert lines['neuroarcade_emulator_messages_rejected_total{code="bad_header"}'] == 1
+    assert lines['neuroarcade_emulator_client_actions_total{client="ctl"}'] >= 1
+    assert lines["neuroarcade_emulator_clients"] == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +15,35 @@ def register(app: typer.Typer) -> None:
     app.command()(emulator)
     app.command()(record)
     app.command()(replay)
+    keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys for endpoints off loopback.")
+    keys_app.command("generate")(keys_generate)
+    keys_app.command("allow")(keys_allow)
+    app.add_typer(keys_app, name="keys")
+
+
+def keys_generate(
+    folder: Path = typer.Argument(..., help="Folder to write NAME.key (public) and NAME.key_secret into."),
+    name: str = typer.Option("server", help="Key name (e.g. server, vlm-agent, encoder)."),
+) -> None:
+    """Generate a CURVE key pair."""
+    from services.security import generate_keys
+
+    public, secret = generate_keys(folder, name)
+    typer.echo(f"public: {public}\nsecret: {secret} (keep private; mode 600)")
+
+
+def keys_allow(
+    public_key: Path = typer.Argument(..., exists=True, dir_okay=False, help="A client's NAME.key public key file."),
+    allow_dir: Path = typer.Option(..., "--dir", help="The server's allow-list folder."),
+) -> None:
+    """Add a client's public key to a server's allow-list."""
+    import shutil
+
+    if public_key.suffix != ".key":
+        raise typer.BadParameter("give the public NAME.key file, never the secret")
+    allow_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(public_key, allow_dir / public_key.name)
+    typer.echo(f"allowed {public_key.name} in {allow_dir}")
 
 
 def emulator(
@@ -38,20 +66,28 @@ def emulator(
     duration: Optional[float] = typer.Option(None, help="Stop after N seconds."),
     max_episodes: Optional[int] = typer.Option(None, help="Stop after N episodes."),
     meta: list[str] = typer.Option([], help="KEY=VALUE labels for the recording header (repeatable)."),
+    curve_secret: str = typer.Option("", help="CURVE: this server's *.key_secret file (required off loopback)."),
+    curve_allow: str = typer.Option("", help="CURVE: folder of client *.key files allowed to connect."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port (127.0.0.1)."),
+    log_json: bool = typer.Option(False, help="Structured logs: one JSON object per line."),
     verbose: bool = typer.Option(False, "-v", help="Log client joins and rejections."),
 ) -> None:
     """Run the emulator service: publish frames, take actions, record the session."""
     from services.emulator import Emulator, EmulatorConfig, install_signal_handlers
     from services.game import GameSettings
+    from services.security import CurveConfig
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    from services.metrics import setup_logging
+
+    setup_logging(verbose, log_json)
     cfg = EmulatorConfig(
         game=GameSettings(game=game, seed=seed, frameskip=frameskip, repeat_action_probability=sticky,
                           full_action_space=full_action_space),
         mode=mode, frames_endpoint=frames, control_endpoint=control, fps=fps, controller=controller,
         step_timeout_s=step_timeout, on_timeout=on_timeout, replay_path=replay_path, speed=speed,
         record_path=record_path, max_steps=max_steps, duration_s=duration, max_episodes=max_episodes,
-        meta=_parse_meta(meta),
+        meta=_parse_meta(meta), curve=CurveConfig(secret_key=curve_secret, allowed_clients=curve_allow),
+        metrics_port=metrics_port,
     )
     emu = Emulator(cfg)
     install_signal_handlers(emu)
@@ -136,7 +172,7 @@ def replay(
                  game=h.game, seed=h.seed, frameskip=h.frameskip, sticky=h.repeat_action_probability,
                  full_action_space=h.full_action_space, fps=None, controller="", step_timeout=5.0,
                  on_timeout="repeat", record_path="", max_steps=None, duration=None, max_episodes=None, meta=[],
-                 verbose=False)
+                 curve_secret="", curve_allow="", metrics_port=None, log_json=False, verbose=False)
 
 
 def _parse_meta(items: list[str]) -> dict[str, str]:
