@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The venv is rebuilt whenever pyproject.toml changes (stale) or is missing.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test bench clean venv browser
 
 venv: $(STAMP)
 
@@ -21,7 +21,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/neuroarcade demo
 
-test: $(STAMP)
+# The dashboard test drives Debian's Chromium (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing and not root: the browser test will be skipped"; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

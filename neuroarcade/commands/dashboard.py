@@ -1,9 +1,57 @@
-"""CLI commands of this area (filled in by its issue)."""
+"""`neuroarcade dashboard` (live view in the browser) and `neuroarcade report` (HTML report of a run)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command()(dashboard)
+    app.command()(report)
+
+
+def dashboard(
+    frames: str = typer.Option("tcp://127.0.0.1:5555", help="Emulator frames PUB (frames + status); '' for none."),
+    control: str = typer.Option("tcp://127.0.0.1:5556", help="Emulator control ROUTER (game info; joined with --play)."),
+    activations: List[str] = typer.Option([], help="An agent's PUB endpoint (activations, decisions); repeat per agent."),
+    bold: List[str] = typer.Option([], help="Scanner PUB endpoint (BOLD volumes, TR triggers); repeatable."),
+    predictions: List[str] = typer.Option([], help="Encoder PUB endpoint (predictions, running scores); repeatable."),
+    host: str = typer.Option("127.0.0.1", help="Interface to serve on; anything but loopback needs --token."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    token: str = typer.Option("", envvar="NEUROARCADE_TOKEN", help="Access token browsers must give (?token=...)."),
+    play: bool = typer.Option(False, "--play", help="Join the emulator as controller 'human': play with the "
+                                                    "browser's arrow keys and space (FIRE)."),
+    atlas: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="ROI label NIfTI for the brain map."),
+    atlas_labels: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="TSV index<TAB>name of the atlas labels."),
+    weights: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                           help="Encoding weights: brain map from their mask and ROI labels."),
+    max_fps: float = typer.Option(20.0, help="Frames pushed to each browser per second at most."),
+) -> None:
+    """Live dashboard: game, agents' decisions, predicted vs measured BOLD per ROI, brain map, TR clock."""
+    from services.dashboard import Dashboard, DashboardConfig
+
+    cfg = DashboardConfig(frames=frames, control=control, activations=list(activations), bold=list(bold),
+                          predictions=list(predictions), host=host, port=port, token=token, play=play,
+                          atlas=str(atlas or ""), atlas_labels=str(atlas_labels or ""), weights=str(weights or ""),
+                          max_fps=max_fps)
+    try:
+        dash = Dashboard(cfg)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--token") from None
+    typer.echo(f"dashboard: open {dash.url}")
+    dash.run()
+
+
+def report(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="Run folder with the encoding outputs."),
+    out: Optional[Path] = typer.Option(None, help="HTML file to write (default RUN_DIR/report.html)."),
+    title: str = typer.Option("", help="Report title (default: the run folder's name)."),
+) -> None:
+    """Self-contained HTML report of a run: ROI scores, variance partitioning, brain maps, latencies."""
+    from services.report import write_report
+
+    path = write_report(run_dir, out=out, title=title or None)
+    typer.echo(f"wrote {path}")

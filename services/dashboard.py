@@ -1,0 +1,748 @@
+"""Live dashboard: what the closed loop is doing, in a browser, without ever slowing it down.
+
+    emulator PUB (frame, heartbeat) ─┐
+    agents' PUBs (activation, action)─┤   SUB sockets, one          newest state     FastAPI + websockets
+    scanner PUB (bold, trigger)     ──┼─► subscriber thread ──────► per stream ─────► (uvicorn) ─► browsers
+    encoder PUB (prediction)        ──┘   (drains, never blocks)    (bounded)          capped rate
+
+The subscriber thread drains its SUB sockets with NOBLOCK and keeps only the newest state per
+stream (the newest frame, the newest decision per agent, the last ``history_trs`` TRs per
+prediction stream), so memory is bounded and a slow dashboard or browser only ever loses
+messages at its own ZMQ high-water mark: publishers never wait for it. Each browser gets the
+newest frame at most ``max_fps`` times a second and a JSON state snapshot ``state_hz`` times a
+second; a browser that cannot keep up just skips to the newest.
+
+Keyboard play (``play=True``): the dashboard joins the emulator through ``GameClient`` as client
+``human`` asking for the controller role, and answers every new frame with the action the
+browser's held keys map to (arrows + space, named as in the game's ``action_meanings``).
+
+Access: on a loopback host the page is open; on any other host a token is required (query
+``?token=``, header ``X-Neuroarcade-Token`` or ``Authorization: Bearer``; the page then keeps it
+in a cookie).
+
+Agents' decisions: ``Action`` messages go to the emulator's ROUTER, which the dashboard cannot
+see. If an agent also publishes its ``Action`` on its activation PUB under topic ``action``,
+the dashboard shows its per-action probabilities and decision latency; otherwise it shows what
+``Activation`` carries (staleness, decision rate) and the applied action from ``Frame``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import math
+import secrets
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from protocols import Action, Activation, BoldVolume, Decoder, Frame, Prediction, Status, Trigger
+from services.transport import (
+    DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_HEARTBEAT, TOPIC_PREDICTION,
+    TOPIC_TRIGGER, Channel, make_socket, split_topic,
+)
+
+log = logging.getLogger("neuroarcade.dashboard")
+
+STATIC_DIR = Path(__file__).with_name("dashboard_static")
+TOPIC_ACTION = b"action"
+"""Topic under which an agent may publish its own Action messages on its activation PUB."""
+TOKEN_COOKIE = "neuroarcade_token"
+MAX_STREAMS = 64
+"""Agents / prediction streams kept at most (bounded memory against a misbehaving publisher)."""
+MAX_DRAIN = 2000
+"""Messages handled per socket per wake-up before the other sockets get their turn."""
+
+
+@dataclass
+class DashboardConfig:
+    """What the dashboard listens to and how it serves browsers."""
+
+    frames: str = DEFAULT_FRAMES
+    """Emulator frames PUB (topics ``frame`` and ``heartbeat``); '' = no game stream."""
+    control: str = DEFAULT_CONTROL
+    """Emulator control ROUTER: asked once per session for game info (Hello/Welcome/Bye), and joined for play."""
+    activations: list[str] = field(default_factory=list)
+    """Agents' PUB endpoints (``activation``, and ``action`` where agents publish their decisions)."""
+    bold: list[str] = field(default_factory=list)
+    """Scanner PUB endpoints (``bold`` volumes and ``trigger`` pulses)."""
+    predictions: list[str] = field(default_factory=list)
+    """Encoder PUB endpoints (``prediction``)."""
+    host: str = "127.0.0.1"
+    """Interface the web server listens on; anything but loopback requires ``token``."""
+    port: int = 8000
+    token: str = ""
+    """Access token for browsers ('' = none; only allowed on loopback)."""
+    play: bool = False
+    """Join the emulator as controller ``human`` and play with the browser's keyboard."""
+    atlas: str = ""
+    """ROI label NIfTI (integers, 0 = none) for the brain map."""
+    atlas_labels: str = ""
+    """TSV with columns ``index`` and ``name`` naming the atlas labels (as ``neuroarcade fit --atlas-labels``)."""
+    weights: str = ""
+    """Encoding weights file: its mask and ROI labels give the brain map when no ``atlas`` is given."""
+    max_fps: float = 20.0
+    """Frames pushed to each browser per second at most."""
+    state_hz: float = 5.0
+    """State snapshots (agents, predictions, TR clock) pushed per second at most."""
+    history_trs: int = 150
+    """TRs of predicted/measured time courses kept per stream."""
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_access(cfg: DashboardConfig) -> None:
+    """Refuse to serve a non-loopback interface without a token."""
+    if not cfg.token and not is_loopback_host(cfg.host):
+        raise ValueError(f"the dashboard listens on {cfg.host}, which is not loopback: give --token "
+                         "(browsers then open http://HOST:PORT/?token=...)")
+
+
+# --- keyboard → game action -----------------------------------------------------------------------
+
+BROWSER_KEYS = {"ArrowUp": "UP", "ArrowDown": "DOWN", "ArrowLeft": "LEFT", "ArrowRight": "RIGHT", " ": "FIRE",
+                "w": "UP", "s": "DOWN", "a": "LEFT", "d": "RIGHT"}
+"""Browser ``KeyboardEvent.key`` → logical button."""
+
+
+def action_for_keys(buttons: set[str], meanings: list[str] | tuple[str, ...]) -> int:
+    """Index into ``meanings`` for the held buttons (UP/DOWN/LEFT/RIGHT/FIRE), ALE naming.
+
+    The ALE names combined actions vertical + horizontal + FIRE (``UPLEFTFIRE``). A combination
+    the game lacks falls back to fewer buttons, then NOOP. Games without UP/DOWN (Pong-style
+    paddles, where RIGHT moves the paddle up) take the up/down arrows as RIGHT/LEFT.
+    """
+    names = {m: i for i, m in enumerate(meanings)}
+    vert = "UP" if "UP" in buttons and "DOWN" not in buttons else "DOWN" if "DOWN" in buttons and "UP" not in buttons else ""
+    horiz = ("RIGHT" if "RIGHT" in buttons and "LEFT" not in buttons
+             else "LEFT" if "LEFT" in buttons and "RIGHT" not in buttons else "")
+    fire = "FIRE" if "FIRE" in buttons else ""
+    if vert and not horiz and "UP" not in names and "DOWN" not in names:
+        vert, horiz = "", {"UP": "RIGHT", "DOWN": "LEFT"}[vert]
+    for candidate in (vert + horiz + fire, vert + horiz, vert + fire, horiz + fire, vert, horiz, fire, "NOOP"):
+        if candidate and candidate in names:
+            return names[candidate]
+    return 0
+
+
+# --- the newest state of every stream ---------------------------------------------------------------
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+class LiveState:
+    """Newest state per stream, shared by the subscriber thread (writer) and the web server (readers).
+
+    Everything is bounded: one frame, one decision per agent/condition, ``history_trs`` TRs per
+    prediction stream, at most ``MAX_STREAMS`` agents and streams.
+    """
+
+    def __init__(self, history_trs: int = 150):
+        self.lock = threading.Lock()
+        self.history_trs = history_trs
+        self.frame_version = 0
+        self.frame_header = b""
+        self.frame_pixels = b""
+        self.frame: dict[str, Any] = {}
+        self.version = 0
+        self.game: dict[str, Any] = {}
+        self.emulator: dict[str, Any] = {}
+        self.agents: dict[str, dict[str, Any]] = {}
+        self.streams: dict[str, dict[str, Any]] = {}
+        self.scanner: dict[str, Any] = {"triggers": 0, "tr_index": None, "volumes": 0}
+        self._trigger_times: list[float] = []
+        self.counts: dict[str, int] = {}
+        self.play: dict[str, Any] = {"enabled": False}
+        self.t0 = time.monotonic()
+        self._frame_times: list[float] = []
+
+    def _bump(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    # writers (subscriber thread) -------------------------------------------------------------------
+    def on_frame(self, f: Frame) -> None:
+        px = np.ascontiguousarray(f.pixels, dtype=np.uint8)
+        h, w = px.shape[:2]
+        c = px.shape[2] if px.ndim == 3 else 1
+        now = time.monotonic()
+        with self.lock:
+            self._bump("frame")
+            self.frame_pixels = px.tobytes()
+            self.frame_header = struct.pack("<IIHHI", 1, f.seq, h, w, c)
+            self._frame_times = [t for t in self._frame_times if now - t < 2.0] + [now]
+            self.frame = {"seq": f.seq, "episode": f.episode, "step": f.step, "action": f.action,
+                          "controller": f.controller, "reward": f.reward, "session_id": f.session_id,
+                          "t_ns": f.t_ns, "received_ns": time.monotonic_ns(), "terminated": f.terminated}
+            self.emulator.setdefault("score", 0.0)
+            if self.emulator.get("session_id") != f.session_id:
+                self.emulator.update(session_id=f.session_id, score=0.0, episode=f.episode)
+            if self.emulator.get("episode") != f.episode:
+                self.emulator.update(episode=f.episode, score=0.0)
+            self.emulator["score"] += f.reward
+            self.frame_version += 1
+
+    def on_status(self, s: Status) -> None:
+        with self.lock:
+            self._bump("status")
+            if s.service == "emulator" or "emulator" in s.service:
+                self.emulator.update(service=s.service, steps=s.steps, rejected=s.rejected, clients=dict(s.clients),
+                                     triggers=s.triggers, status_session=s.session_id)
+            self.version += 1
+
+    def on_game_info(self, info: dict[str, Any]) -> None:
+        with self.lock:
+            self.game = info
+            self.version += 1
+
+    def on_activation(self, a: Activation) -> None:
+        now_ns = time.monotonic_ns()
+        with self.lock:
+            self._bump("activation")
+            agent = self._agent(a.agent_id)
+            if agent is None:
+                return
+            agent["model"] = a.model
+            cond = agent["conditions"].setdefault(a.condition, {})
+            times = [t for t in cond.get("_times", []) if now_ns - t < 5e9] + [now_ns]
+            cond.update(_times=times, activations=cond.get("activations", 0) + 1, pooling=a.pooling,
+                        layers=list(a.layers)[:64], dim=int(a.vectors.shape[-1]) if a.vectors.ndim else 0,
+                        frame_seq=max(a.frame_seqs) if a.frame_seqs else None,
+                        # same host: agent and emulator share CLOCK_MONOTONIC
+                        staleness_ms=(a.t_ns - a.frame_t_ns) / 1e6 if a.frame_t_ns else None,
+                        rate_hz=(len(times) - 1) / ((times[-1] - times[0]) / 1e9) if len(times) > 1 else None)
+            self.version += 1
+
+    def on_action(self, a: Action) -> None:
+        with self.lock:
+            self._bump("action")
+            agent = self._agent(a.agent_id)
+            if agent is None:
+                return
+            cond = agent["conditions"].setdefault(a.condition, {})
+            cond.update(action=a.action, probs=[_finite(p) for p in a.probs[:64]], decided_seq=a.frame_seq,
+                        latency_ms=a.latency_ns / 1e6 if a.latency_ns else None,
+                        decisions=cond.get("decisions", 0) + 1)
+            self.version += 1
+
+    def _agent(self, agent_id: str) -> dict[str, Any] | None:
+        if agent_id not in self.agents:
+            if len(self.agents) >= MAX_STREAMS:
+                self._bump("dropped_stream")
+                return None
+            self.agents[agent_id] = {"model": "", "conditions": {}}
+        return self.agents[agent_id]
+
+    def on_trigger(self, t: Trigger) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self._bump("trigger")
+            self._trigger_times = (self._trigger_times + [now])[-16:]
+            gaps = np.diff(self._trigger_times)
+            self.scanner.update(tr_index=t.tr_index, triggers=self.scanner["triggers"] + 1, last_trigger=now,
+                                tr_s=float(np.median(gaps)) if len(gaps) else None, source=t.source)
+            self.version += 1
+
+    def on_bold(self, b: BoldVolume) -> None:
+        with self.lock:
+            self._bump("bold")
+            self.scanner.update(volumes=self.scanner["volumes"] + 1, bold_tr=b.tr_index, acq_time_s=b.acq_time_s,
+                                run=b.run, bold_shape=list(b.data.shape), bold_source=b.source)
+            self.version += 1
+
+    def on_prediction(self, p: Prediction) -> None:
+        key = f"{p.agent_id} · {p.condition}" if p.condition else p.agent_id
+        with self.lock:
+            self._bump("prediction")
+            stream = self.streams.get(key)
+            if stream is None:
+                if len(self.streams) >= MAX_STREAMS:
+                    self._bump("dropped_stream")
+                    return
+                stream = self.streams[key] = {"agent_id": p.agent_id, "condition": p.condition, "trs": OrderedDict()}
+            stream["roi_names"] = list(p.roi_names)
+            stream["scores"] = [_finite(x) for x in p.roi_scores]
+            stream["last_tr"] = p.tr_index
+            trs: OrderedDict = stream["trs"]
+            trs[p.tr_index] = ([_finite(x) for x in p.roi_predicted], [_finite(x) for x in p.roi_measured])
+            trs.move_to_end(p.tr_index)
+            while len(trs) > self.history_trs:
+                trs.popitem(last=False)
+            self.version += 1
+
+    def on_play(self, **info: Any) -> None:
+        with self.lock:
+            self.play.update(info)
+            self.version += 1
+
+    # readers (web server) -------------------------------------------------------------------------
+    def frame_message(self) -> tuple[int, bytes] | None:
+        with self.lock:
+            if not self.frame_version:
+                return None
+            return self.frame_version, self.frame_header + self.frame_pixels
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self.lock:
+            scanner = dict(self.scanner)
+            last = scanner.pop("last_trigger", None)
+            scanner["since_trigger_s"] = now - last if last is not None else None
+            agents = {aid: {"model": a["model"], "conditions": {c: {k: v for k, v in d.items() if not k.startswith("_")}
+                                                               for c, d in a["conditions"].items()}}
+                      for aid, a in self.agents.items()}
+            streams = {}
+            for key, s in self.streams.items():
+                trs = list(s["trs"].items())
+                streams[key] = {"agent_id": s["agent_id"], "condition": s["condition"], "roi_names": s["roi_names"],
+                                "scores": s["scores"], "last_tr": s["last_tr"], "tr": [t for t, _ in trs],
+                                "predicted": [p for _, (p, _) in trs], "measured": [m for _, (_, m) in trs]}
+            fps = (len(self._frame_times) - 1) / (self._frame_times[-1] - self._frame_times[0]) \
+                if len(self._frame_times) > 1 and self._frame_times[-1] > self._frame_times[0] else None
+            frame = dict(self.frame)
+            if frame:
+                frame["age_ms"] = (time.monotonic_ns() - frame["t_ns"]) / 1e6
+            return {"version": self.version, "uptime_s": now - self.t0, "game": self.game, "frame": frame,
+                    "frame_fps": fps, "emulator": dict(self.emulator), "agents": agents, "streams": streams,
+                    "scanner": scanner, "counts": dict(self.counts), "play": dict(self.play)}
+
+
+# --- the subscriber thread ---------------------------------------------------------------------------
+
+
+class Subscriber:
+    """Owns every SUB socket; drains them without blocking anyone and updates ``LiveState``."""
+
+    def __init__(self, cfg: DashboardConfig, state: LiveState, ctx: zmq.Context):
+        self.cfg = cfg
+        self.state = state
+        self.ctx = ctx
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dashboard-sub", daemon=True)
+        self._session_asked: str | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        cfg = self.cfg
+        channels: list[Channel] = []
+        # frames: tiny HWM, we only want the newest; the rest: room for bursts of small messages
+        if cfg.frames:
+            s = make_socket(self.ctx, zmq.SUB, hwm=4, linger_ms=0)
+            for topic in (TOPIC_FRAME, TOPIC_HEARTBEAT):
+                s.setsockopt(zmq.SUBSCRIBE, topic)
+            s.connect(cfg.frames)
+            channels.append(Channel(s, Decoder([Frame, Status])))
+        data_eps = [*cfg.activations, *cfg.bold, *cfg.predictions]
+        if data_eps:
+            s = make_socket(self.ctx, zmq.SUB, hwm=1000, linger_ms=0)
+            for topic in (TOPIC_ACTIVATION, TOPIC_ACTION, TOPIC_BOLD, TOPIC_TRIGGER, TOPIC_PREDICTION, TOPIC_HEARTBEAT):
+                s.setsockopt(zmq.SUBSCRIBE, topic)
+            for ep in data_eps:
+                s.connect(ep)
+            channels.append(Channel(s, Decoder([Activation, Action, BoldVolume, Trigger, Prediction, Status])))
+        poller = zmq.Poller()
+        for ch in channels:
+            poller.register(ch.sock, zmq.POLLIN)
+        self.ready.set()
+        try:
+            while not self.stop_event.is_set():
+                events = dict(poller.poll(100))
+                for ch in channels:
+                    if ch.sock in events:
+                        self._drain(ch)
+        finally:
+            for ch in channels:
+                ch.sock.close(linger=0)
+
+    def _drain(self, ch: Channel) -> None:
+        newest_frame: Frame | None = None
+        for _ in range(MAX_DRAIN):
+            try:
+                parts = ch.recv_parts(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            _, body = split_topic(parts)
+            msg = ch.decode(body)
+            if msg is None:
+                self.state._bump("rejected")  # malformed: counted by the channel too; never raised
+            elif isinstance(msg, Frame):
+                newest_frame = msg  # only the newest frame of a burst is worth decoding into the page
+            else:
+                self._dispatch(msg)
+        if newest_frame is not None:
+            self.state.on_frame(newest_frame)
+            if newest_frame.session_id != self._session_asked:
+                self._session_asked = newest_frame.session_id
+                self._ask_game_info()
+
+    def _dispatch(self, msg: Any) -> None:
+        st = self.state
+        if isinstance(msg, Activation):
+            st.on_activation(msg)
+        elif isinstance(msg, Action):
+            st.on_action(msg)
+        elif isinstance(msg, Prediction):
+            st.on_prediction(msg)
+        elif isinstance(msg, Trigger):
+            st.on_trigger(msg)
+        elif isinstance(msg, BoldVolume):
+            st.on_bold(msg)
+        elif isinstance(msg, Status):
+            st.on_status(msg)
+
+    def _ask_game_info(self) -> None:
+        """One Hello/Welcome/Bye as an observer: the game's name, mode and action names (short timeout)."""
+        if not self.cfg.control:
+            return
+        from protocols import Bye, Hello, Welcome
+
+        dealer = make_socket(self.ctx, zmq.DEALER, linger_ms=100)
+        ch = Channel(dealer, Decoder([Welcome]))
+        try:
+            dealer.connect(self.cfg.control)
+            ch.send(Hello(client_id="dashboard", role="observer", model="dashboard"))
+            if dealer.poll(1000):
+                w = ch.decode(ch.recv_parts())
+                if isinstance(w, Welcome):
+                    self.state.on_game_info({"game": w.game, "mode": w.mode, "action_meanings": list(w.action_meanings),
+                                             "session_id": w.session_id, "step_hz": w.step_hz,
+                                             "frameskip": w.frameskip, "sticky": w.repeat_action_probability})
+                    ch.send(Bye(client_id="dashboard"))
+        except zmq.ZMQError as e:
+            log.warning("dashboard: could not ask the emulator for game info: %s", e)
+        finally:
+            dealer.close(linger=100)
+
+
+# --- keyboard play ----------------------------------------------------------------------------------
+
+
+class KeyboardPlayer:
+    """Joins the emulator as controller ``human``; answers each new frame with the held keys' action."""
+
+    def __init__(self, cfg: DashboardConfig, state: LiveState, ctx: zmq.Context, client_id: str = "human"):
+        self.cfg = cfg
+        self.state = state
+        self.ctx = ctx
+        self.client_id = client_id
+        self.stop_event = threading.Event()
+        self._buttons: set[str] = set()
+        self._lock = threading.Lock()
+        self.actions_sent = 0
+        self.thread = threading.Thread(target=self._run, name="dashboard-play", daemon=True)
+
+    def set_buttons(self, buttons: set[str]) -> None:
+        with self._lock:
+            self._buttons = set(buttons) & {"UP", "DOWN", "LEFT", "RIGHT", "FIRE"}
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        from services.client import GameClient
+
+        self.state.on_play(enabled=True, client_id=self.client_id, role="joining", buttons=[], action=None)
+        client = GameClient(self.client_id, role="controller", frames_endpoint=self.cfg.frames,
+                            control_endpoint=self.cfg.control, model="keyboard", ctx=self.ctx)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    client.join(timeout_s=2.0)
+                    break
+                except TimeoutError:
+                    self.state.on_play(role="no emulator")
+            last: tuple[str, int] = ("", -1)
+            while not self.stop_event.is_set():
+                frame = client.next_frame(timeout_ms=100)
+                if frame is None or client.welcome is None:
+                    continue
+                if frame.session_id == last[0] and frame.seq <= last[1]:
+                    continue  # lockstep re-publishes a pending frame: answer it once
+                last = (frame.session_id, frame.seq)
+                with self._lock:
+                    buttons = set(self._buttons)
+                meanings = client.welcome.action_meanings
+                action = action_for_keys(buttons, meanings)
+                try:
+                    client.act(frame, action)
+                    self.actions_sent += 1
+                except zmq.Again:
+                    continue
+                self.state.on_play(role=client.role, buttons=sorted(buttons), action=action,
+                                   action_name=meanings[action], frame_seq=frame.seq, actions_sent=self.actions_sent,
+                                   errors=client.stats.errors[-3:])
+        finally:
+            client.close()
+
+
+# --- brain map -----------------------------------------------------------------------------------------
+
+
+def load_brain_map(cfg: DashboardConfig, n_slices: int = 8) -> dict[str, Any] | None:
+    """Axial slices of the ROI label volume (and its brain mask) for the browser to colour by score.
+
+    The volume is reoriented to RAS first, so rows run anterior (top) → posterior and columns
+    left → right (neurological view) whatever the file's voxel order.
+    """
+    import nibabel as nib
+
+    names: dict[int, str] = {}
+    if cfg.atlas:
+        img = nib.load(cfg.atlas)
+        if len(img.shape) == 4:
+            img = img.slicer[..., 0]
+        img = nib.as_closest_canonical(img)
+        labels = np.asarray(img.dataobj).astype(np.int32)
+        mask = labels > 0
+        if cfg.atlas_labels:
+            names = read_label_table(cfg.atlas_labels)
+    elif cfg.weights:
+        from encoders.weights import EncodingWeights
+
+        w = EncodingWeights.load(cfg.weights)
+        if w.roi_labels is None:
+            return None
+        both = np.stack([w.to_volume(w.roi_labels.astype(np.float32)), w.mask.astype(np.float32)], axis=-1)
+        img = nib.as_closest_canonical(nib.Nifti1Image(both, w.affine))
+        labels = np.asarray(img.dataobj)[..., 0].round().astype(np.int32)
+        mask = np.asarray(img.dataobj)[..., 1] > 0.5
+        names = dict(w.roi_names)
+    else:
+        return None
+    zs = np.flatnonzero(mask.any(axis=(0, 1)))
+    if not len(zs):
+        return None
+    picks = np.unique(np.linspace(zs[0], zs[-1], n_slices + 2)[1:-1].round().astype(int))
+    z_mm = [float((img.affine @ [0, 0, z, 1])[2]) for z in picks]
+    present = sorted(int(v) for v in np.unique(labels) if v)
+    return {"shape": [int(labels.shape[0]), int(labels.shape[1])], "z": [int(z) for z in picks],
+            "z_mm": [round(z, 1) for z in z_mm],
+            "slices": [np.flipud(labels[:, :, z].T).ravel().tolist() for z in picks],
+            "mask": [np.flipud(mask[:, :, z].T).astype(np.uint8).ravel().tolist() for z in picks],
+            "names": {str(k): names.get(k, f"roi{k}") for k in present}}
+
+
+def read_label_table(path: str | Path) -> dict[int, str]:
+    """``index<TAB>name`` TSV (header optional) → {label: name}."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 2 and cols[0].strip().isdigit():
+            out[int(cols[0])] = cols[1].strip()
+    return out
+
+
+# --- the web server -----------------------------------------------------------------------------------
+
+
+def create_app(cfg: DashboardConfig, state: LiveState, player: KeyboardPlayer | None = None):
+    app = FastAPI(title="neuroarcade dashboard", docs_url=None, redoc_url=None, openapi_url=None)
+    brain_map = load_brain_map(cfg)
+    static_files = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}
+
+    def token_ok(query: dict, headers, cookies: dict) -> bool:
+        if not cfg.token:
+            return True
+        auth = headers.get("authorization", "")
+        given = [query.get("token", ""), headers.get("x-neuroarcade-token", ""), cookies.get(TOKEN_COOKIE, ""),
+                 auth[7:] if auth.lower().startswith("bearer ") else ""]
+        return any(g and secrets.compare_digest(g, cfg.token) for g in given)
+
+    def guard(request: Request) -> None:
+        if not token_ok(request.query_params, request.headers, request.cookies):
+            raise HTTPException(status_code=401, detail="token required: open /?token=...")
+
+    @app.get("/")
+    def index(request: Request):
+        guard(request)
+        resp = FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+        if cfg.token:
+            resp.set_cookie(TOKEN_COOKIE, cfg.token, httponly=True, samesite="strict")
+        return resp
+
+    @app.get("/static/{name}")
+    def static(name: str, request: Request):
+        guard(request)
+        if name not in static_files:
+            raise HTTPException(status_code=404)
+        return FileResponse(static_files[name], headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/state")
+    def api_state(request: Request):
+        guard(request)
+        return JSONResponse(state.snapshot())
+
+    @app.get("/api/brainmap")
+    def api_brainmap(request: Request):
+        guard(request)
+        return JSONResponse(brain_map)
+
+    @app.get("/api/frame.png")
+    def api_frame(request: Request):
+        guard(request)
+        msg = state.frame_message()
+        if msg is None:
+            raise HTTPException(status_code=404, detail="no frame yet")
+        return Response(_png(msg[1]), media_type="image/png")
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket):
+        if not token_ok(websocket.query_params, websocket.headers, websocket.cookies):
+            await websocket.close(code=1008)
+            return
+        await websocket.accept()
+        reader = asyncio.create_task(_read_keys(websocket))
+        frame_dt, state_dt = 1.0 / max(cfg.max_fps, 0.1), 1.0 / max(cfg.state_hz, 0.1)
+        sent_frame, next_state = 0, 0.0
+        try:
+            while not reader.done():
+                now = time.monotonic()
+                msg = state.frame_message()
+                if msg is not None and msg[0] != sent_frame:
+                    sent_frame = msg[0]
+                    await websocket.send_bytes(msg[1])
+                if now >= next_state:  # always: the TR clock and ages move even when no message came
+                    await websocket.send_text(json.dumps(state.snapshot(), allow_nan=False, default=_json_default))
+                    next_state = now + state_dt
+                await asyncio.sleep(frame_dt)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            reader.cancel()
+
+    async def _read_keys(websocket: WebSocket) -> None:
+        try:
+            while True:
+                text = await websocket.receive_text()
+                try:
+                    msg = json.loads(text)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(msg, dict) and msg.get("type") == "keys" and player is not None:
+                    buttons = msg.get("buttons", [])
+                    if isinstance(buttons, list):
+                        player.set_buttons({str(b) for b in buttons[:8]})
+        except Exception:  # disconnect ends the session's reader
+            return
+
+    return app
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return _finite(o)
+    raise TypeError(type(o).__name__)
+
+
+def _png(frame_message: bytes) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    _, _, h, w, c = struct.unpack_from("<IIHHI", frame_message)
+    px = np.frombuffer(frame_message, dtype=np.uint8, offset=16).reshape(h, w, c)
+    buf = BytesIO()
+    Image.fromarray(px[..., :3] if c >= 3 else px[..., 0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- running it ----------------------------------------------------------------------------------------
+
+
+class Dashboard:
+    """Subscriber thread + optional keyboard player + uvicorn server; ``start()``/``stop()`` or ``run()``."""
+
+    def __init__(self, cfg: DashboardConfig, ctx: zmq.Context | None = None):
+        check_access(cfg)
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.state = LiveState(cfg.history_trs)
+        self.subscriber = Subscriber(cfg, self.state, self.ctx)
+        self.player = KeyboardPlayer(cfg, self.state, self.ctx) if cfg.play else None
+        self.app = create_app(cfg, self.state, self.player)
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        return f"http://{host}:{self.cfg.port}/" + (f"?token={self.cfg.token}" if self.cfg.token else "")
+
+    def _make_server(self):
+        import uvicorn
+
+        config = uvicorn.Config(self.app, host=self.cfg.host, port=self.cfg.port, log_level="warning",
+                                ws="websockets-sansio", lifespan="off", ws_ping_interval=20)
+        return uvicorn.Server(config)
+
+    def _start_streams(self) -> None:
+        self.subscriber.start()
+        self.subscriber.ready.wait(5)
+        if self.player is not None:
+            self.player.start()
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Serve in a background thread (tests, the orchestration commands)."""
+        self._start_streams()
+        self._server = self._make_server()
+        self._thread = threading.Thread(target=self._server.run, name="dashboard-http", daemon=True)
+        self._thread.start()
+        t_end = time.monotonic() + timeout_s
+        while not self._server.started:
+            if time.monotonic() > t_end or not self._thread.is_alive():
+                raise RuntimeError(f"dashboard did not start on {self.cfg.host}:{self.cfg.port}")
+            time.sleep(0.02)
+
+    def run(self) -> None:
+        """Serve in this thread until Ctrl-C."""
+        self._start_streams()
+        self._server = self._make_server()
+        try:
+            self._server.run()
+        finally:
+            self._stop_streams()
+
+    def _stop_streams(self) -> None:
+        if self.player is not None:
+            self.player.stop()
+        self.subscriber.stop()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self._stop_streams()

@@ -1,0 +1,486 @@
+"""Run report: one self-contained HTML page (figures embedded as base64 PNG) from a run folder.
+
+Input layout (everything optional except at least one scores table; files are found anywhere
+under RUN_DIR, except ``report*`` files this module wrote itself):
+
+``scores.tsv``
+    Long table, one row per (agent, condition, ROI): columns ``agent``, ``condition``, ``roi``,
+    ``r`` (Pearson r of predicted vs measured), optional ``r2``, ``n_trs``, ``n_voxels``.
+``<agent>__<condition>_scores.tsv`` (or ``<name>_scores.tsv``)
+    Per-stream tables as the encoding service writes them (``EncodingCore.write_outputs``:
+    ``roi, n_voxels, n_trs, r_roi_mean, mean_voxel_r``) or as ``neuroarcade fit`` writes them
+    (``roi, n_voxels, cv_r, cv_r2[, frac_significant, noise_ceiling, unique_<a>, unique_<b>, shared]``).
+    Agent and condition come from ``agent``/``condition`` columns when present, else from the
+    file stem split at ``__``. The score shown is the first present of ``r``, ``r_roi_mean``,
+    ``cv_r``, ``mean_voxel_r``.
+``partition.tsv``
+    Variance partitioning per ROI: ``roi``, ``unique_<a>``, ``unique_<b>``, ``shared`` (held-out R²
+    fractions, may be negative), optional ``agent`` (one panel per agent/model). Fit tables with
+    ``unique_*`` columns are used the same way.
+``*.nii`` / ``*.nii.gz``
+    3D maps (per-voxel r, R², unique variance …) → glass brain + axial slices; 4D images whose
+    name holds ``pred`` (``*_pred.nii.gz``) → map of the predicted signal's temporal s.d.; other
+    4D images (measured BOLD runs) are ignored. Files named ``*mask*`` are skipped.
+``atlas.nii.gz`` + ``atlas_labels.tsv`` (``index<TAB>name``)
+    ROI labels: each stream's per-ROI scores are painted on the atlas as a brain map.
+``latency.json``
+    ``{"<agent>": {"<condition>": [decision latency in ms, ...]}}``; an optional top-level
+    ``"staleness_ms"`` key holds the same structure for frame staleness.
+
+Outputs beside the HTML: ``report_scores.tsv`` (all score rows merged, long format) and
+``report.json`` (scores, partitions, latency summaries, list of the input files used).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCORE_COLUMNS = ("r", "r_roi_mean", "cv_r", "mean_voxel_r")
+MAX_BRAIN_FIGURES = 8
+"""Brain figures drawn at most (each nilearn figure takes about a second)."""
+
+
+@dataclass
+class RunData:
+    """Everything read from a run folder."""
+
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    """Rows: agent, condition, roi, score, metric, source (+ any extra numeric columns)."""
+    partitions: list[dict[str, Any]] = field(default_factory=list)
+    """Rows: agent, roi, unique_<a>, unique_<b>, shared, source."""
+    maps_3d: list[Path] = field(default_factory=list)
+    maps_4d: list[Path] = field(default_factory=list)
+    atlas: Path | None = None
+    atlas_names: dict[int, str] = field(default_factory=dict)
+    latency: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    staleness: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _num(v: str) -> Any:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return v
+    return x
+
+
+def read_tsv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [{k: _num(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f, delimiter="\t")]
+
+
+def _stream_from_stem(path: Path) -> tuple[str, str]:
+    stem = path.name.split(".")[0]
+    stem = stem[: -len("_scores")] if stem.endswith("_scores") else stem
+    agent, _, condition = stem.partition("__")
+    return agent, condition
+
+
+def _is_ours(path: Path) -> bool:
+    return path.name.startswith("report")
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    run_dir = Path(run_dir)
+    data = RunData()
+    for path in sorted(run_dir.rglob("*.tsv")):
+        if _is_ours(path) or path.name == "atlas_labels.tsv":
+            continue
+        rows = read_tsv(path)
+        if not rows or "roi" not in rows[0]:
+            continue
+        data.inputs.append(str(path.relative_to(run_dir)))
+        cols = list(rows[0])
+        unique_cols = [c for c in cols if c.startswith("unique_")]
+        metric = next((c for c in SCORE_COLUMNS if c in cols), None)
+        f_agent, f_cond = _stream_from_stem(path)
+        for row in rows:
+            agent = str(row.get("agent", f_agent))
+            condition = str(row.get("condition", f_cond if "agent" not in row else ""))
+            roi = str(row["roi"])
+            if metric is not None and path.name != "partition.tsv":
+                extra = {k: v for k, v in row.items() if isinstance(v, float) and k not in (metric,)}
+                data.scores.append({"agent": agent, "condition": condition, "roi": roi, "score": row[metric],
+                                    "metric": metric, "source": path.name, **extra})
+            if len(unique_cols) >= 2:
+                data.partitions.append({"agent": agent if ("agent" in row or path.name != "partition.tsv") else "",
+                                        "roi": roi, **{c: row[c] for c in unique_cols + ["shared"] if c in row},
+                                        "source": path.name})
+    for path in sorted([*run_dir.rglob("*.nii"), *run_dir.rglob("*.nii.gz")]):
+        if path.name.startswith("atlas") and path.name.split(".")[0] == "atlas":
+            data.atlas = path
+            labels = path.parent / "atlas_labels.tsv"
+            if labels.exists():
+                data.atlas_names = {int(r["index"]): str(r["name"]) for r in read_tsv(labels) if "index" in r}
+            continue
+        if "mask" in path.name:
+            continue
+        import nibabel as nib
+
+        shape = nib.load(path).shape
+        if len(shape) == 4 and shape[3] > 1:
+            if "pred" not in path.name:
+                continue  # measured BOLD runs and other 4D series are inputs, not results
+            data.maps_4d.append(path)
+        else:
+            data.maps_3d.append(path)
+        data.inputs.append(str(path.relative_to(run_dir)))
+    lat = run_dir / "latency.json"
+    if lat.exists():
+        raw = json.loads(lat.read_text())
+        data.staleness = _latency_map(raw.pop("staleness_ms", {}))
+        data.latency = _latency_map(raw.get("agents", raw))
+        data.inputs.append("latency.json")
+    return data
+
+
+def _latency_map(raw: Any) -> dict[str, dict[str, list[float]]]:
+    out: dict[str, dict[str, list[float]]] = {}
+    if not isinstance(raw, dict):
+        return out
+    for agent, conds in raw.items():
+        if isinstance(conds, list):
+            conds = {"": conds}
+        if isinstance(conds, dict):
+            out[str(agent)] = {str(c): [float(x) for x in v if isinstance(x, (int, float))]
+                               for c, v in conds.items() if isinstance(v, list)}
+    return out
+
+
+# --- figures -----------------------------------------------------------------------------------------
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _stream_name(agent: str, condition: str) -> str:
+    return f"{agent} · {condition}" if condition else agent
+
+
+def _roi_order(rows: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        if r["roi"] not in seen:
+            seen.append(r["roi"])
+    return seen
+
+
+def fig_roi_bars(scores: list[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    rois = _roi_order(scores)
+    streams = list(dict.fromkeys(_stream_name(r["agent"], r["condition"]) for r in scores))
+    table = {(_stream_name(r["agent"], r["condition"]), r["roi"]): r["score"] for r in scores}
+    metrics = sorted({r["metric"] for r in scores})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rois) * max(1, len(streams)) ** 0.5 + 2), 3.8))
+    width = 0.8 / max(len(streams), 1)
+    x = np.arange(len(rois))
+    for k, s in enumerate(streams):
+        vals = [table.get((s, roi), np.nan) for roi in rois]
+        ax.bar(x - 0.4 + width * (k + 0.5), vals, width, label=s, color=f"C{k % 10}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, rois, rotation=30, ha="right")
+    ax.set_ylabel("Pearson r (predicted vs measured)" if "r2" not in metrics else "score")
+    ax.set_title(f"Encoding performance per ROI ({', '.join(metrics)})")
+    ax.legend(fontsize=8, ncol=2, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def fig_partition(parts: list[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    agents = list(dict.fromkeys(p["agent"] for p in parts))
+    fig, axes = plt.subplots(1, len(agents), figsize=(max(6.0, 5.5 * len(agents)), 3.8), squeeze=False)
+    for ax, agent in zip(axes[0], agents):
+        rows = [p for p in parts if p["agent"] == agent]
+        rois = _roi_order(rows)
+        cols = [c for c in rows[0] if c.startswith("unique_")][:2] + (["shared"] if "shared" in rows[0] else [])
+        x = np.arange(len(rois))
+        width = 0.8 / len(cols)
+        for k, c in enumerate(cols):
+            vals = [next((r.get(c, np.nan) for r in rows if r["roi"] == roi), np.nan) for roi in rois]
+            label = c.replace("unique_", "unique ") if c != "shared" else "shared"
+            ax.bar(x - 0.4 + width * (k + 0.5), vals, width, label=label,
+                   color=("#d95f02", "#1b9e77", "#b3b3b3")[k % 3])
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, rois, rotation=30, ha="right")
+        ax.set_ylabel("held-out R² (variance explained)")
+        ax.set_title(f"Variance partitioning{' — ' + agent if agent else ''}")
+        ax.legend(fontsize=8, frameon=False)
+        ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def fig_partition_scatter(parts: list[dict]) -> str | None:
+    import matplotlib.pyplot as plt
+
+    ucols = [c for c in parts[0] if c.startswith("unique_")][:2]
+    if len(ucols) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    agents = list(dict.fromkeys(p["agent"] for p in parts))
+    vals = [(p.get(ucols[0], np.nan), p.get(ucols[1], np.nan)) for p in parts]
+    lim = max([abs(v) for pair in vals for v in pair if np.isfinite(v)] + [0.01]) * 1.15
+    for k, agent in enumerate(agents):
+        rows = [p for p in parts if p["agent"] == agent]
+        ax.scatter([r[ucols[0]] for r in rows], [r[ucols[1]] for r in rows], color=f"C{k}", label=agent or None, zorder=3)
+        for r in rows:
+            ax.annotate(r["roi"], (r[ucols[0]], r[ucols[1]]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([-lim, lim], [-lim, lim], color="0.6", lw=0.8, ls="--", label="equal")
+    ax.axhline(0, color="k", lw=0.6)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_xlabel(f"{ucols[0].replace('_', ' ')} (R²)")
+    ax.set_ylabel(f"{ucols[1].replace('_', ' ')} (R²)")
+    ax.set_title("Unique variance per ROI")
+    ax.legend(fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def fig_latency(latency: dict[str, dict[str, list[float]]], title: str, xlabel: str) -> str:
+    import matplotlib.pyplot as plt
+
+    series = [(_stream_name(a, c), np.asarray(v)) for a, conds in latency.items() for c, v in conds.items() if v]
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    hi = max(float(np.percentile(v, 99.5)) for _, v in series) * 1.1
+    lo = max(min(float(np.percentile(v, 0.5)) for _, v in series) * 0.9, 1e-3)
+    log_x = hi / lo > 20  # e.g. an RL baseline at 2 ms beside a VLM at 60 ms: one linear axis hides one of them
+    bins = np.geomspace(lo, hi, 50) if log_x else np.linspace(0, hi, 40)
+    for k, (name, v) in enumerate(series):
+        p50, p99 = np.percentile(v, [50, 99])
+        ax.hist(np.clip(v, bins[0], hi), bins=bins, alpha=0.55, color=f"C{k}",
+                label=f"{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms (n={len(v)})")
+        ax.axvline(p50, color=f"C{k}", lw=1.2)
+        ax.axvline(p99, color=f"C{k}", lw=1.0, ls="--")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel + (" — log scale" if log_x else ""))
+    ax.set_ylabel("decisions")
+    ax.set_title(title)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(0, -0.18))
+    return _png(fig)
+
+
+def _brain_figure(img, title: str, symmetric: bool = True) -> str:
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    vmax = float(np.nanmax(np.abs(data))) or 1.0
+    fig = plt.figure(figsize=(11, 3.0))
+    ax1 = fig.add_axes([0.0, 0.0, 0.48, 1.0])
+    ax2 = fig.add_axes([0.5, 0.0, 0.5, 1.0])
+    plotting.plot_glass_brain(img, axes=ax1, colorbar=True, plot_abs=False, vmax=vmax,
+                              vmin=-vmax if symmetric else 0, cmap="RdBu_r" if symmetric else "inferno",
+                              symmetric_cbar=symmetric, title=title, threshold=1e-6)
+    plotting.plot_stat_map(img, axes=ax2, display_mode="z", cut_coords=5, colorbar=False, vmax=vmax,
+                           cmap="RdBu_r" if symmetric else "inferno", symmetric_cbar=symmetric, annotate=True,
+                           draw_cross=False, black_bg=False, threshold=1e-6)
+    return _png(fig)
+
+
+def brain_figures(data: RunData, run_dir: Path) -> list[tuple[str, str]]:
+    """(caption, base64 PNG) for score maps painted on the atlas, 3D maps and 4D predictions."""
+    import warnings
+
+    import nibabel as nib
+
+    out: list[tuple[str, str]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if data.atlas is not None and data.scores:
+            atlas = nib.load(data.atlas)
+            labels = np.asarray(atlas.dataobj).astype(int)
+            by_name = {v: k for k, v in data.atlas_names.items()}
+            streams = list(dict.fromkeys((r["agent"], r["condition"]) for r in data.scores))
+            for agent, cond in streams:
+                vol = np.zeros(labels.shape, np.float32)
+                painted = 0
+                for r in data.scores:
+                    if (r["agent"], r["condition"]) == (agent, cond) and r["roi"] in by_name and \
+                            isinstance(r["score"], float) and math.isfinite(r["score"]):
+                        vol[labels == by_name[r["roi"]]] = r["score"]
+                        painted += 1
+                if painted and len(out) < MAX_BRAIN_FIGURES:
+                    out.append((f"ROI scores of {_stream_name(agent, cond)} painted on the atlas "
+                                f"({data.atlas.name}; {painted} ROIs; colour = Pearson r)",
+                                _brain_figure(nib.Nifti1Image(vol, atlas.affine), _stream_name(agent, cond))))
+        for path in data.maps_3d:
+            if len(out) >= MAX_BRAIN_FIGURES:
+                break
+            img = nib.squeeze_image(nib.load(path))
+            out.append((f"{path.relative_to(run_dir)} (per-voxel values)", _brain_figure(img, path.name.split(".")[0])))
+        for path in data.maps_4d:
+            if len(out) >= MAX_BRAIN_FIGURES:
+                break
+            img = nib.load(path)
+            sd = np.asarray(img.dataobj, dtype=np.float32).std(axis=3)
+            out.append((f"{path.relative_to(run_dir)}: temporal s.d. of the predicted BOLD over "
+                        f"{img.shape[3]} TRs (z-units)",
+                        _brain_figure(nib.Nifti1Image(sd, img.affine), "predicted BOLD s.d.", symmetric=False)))
+    return out
+
+
+# --- HTML --------------------------------------------------------------------------------------------
+
+
+CSS = """
+body { font: 14px/1.45 "DejaVu Sans", Arial, sans-serif; color: #1d2430; max-width: 1200px; margin: 24px auto; padding: 0 16px; }
+h1 { font-size: 22px; margin-bottom: 2px; } h2 { font-size: 17px; border-bottom: 1px solid #d9dde3; padding-bottom: 3px; margin-top: 28px; }
+.meta { color: #6b7380; font-size: 12px; } img { max-width: 100%; display: block; margin: 8px 0; }
+table { border-collapse: collapse; font-size: 12px; margin: 8px 0; } td, th { padding: 2px 10px; border-bottom: 1px solid #e3e6ea; text-align: right; }
+td:first-child, th:first-child { text-align: left; } .caption { color: #6b7380; font-size: 12px; margin: 0 0 14px; }
+.none { color: #6b7380; font-style: italic; } code { background: #f1f3f5; padding: 0 3px; }
+"""
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if not math.isfinite(v) else f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, title: str | None = None) -> Path:
+    """Read RUN_DIR (layout in the module docstring) and write report.html + report_scores.tsv + report.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "report.html"
+    data = load_run(run_dir)
+    if not data.scores and not data.partitions and not data.latency and not data.maps_3d and not data.maps_4d:
+        raise FileNotFoundError(f"{run_dir} holds no scores TSV, partition, NIfTI map or latency.json to report on")
+    title = title or f"neuroarcade run report — {run_dir.resolve().name}"
+    sections = [f"<h1>{html.escape(title)}</h1><p class='meta'>written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} "
+                f"from <code>{html.escape(str(run_dir))}</code>; inputs: "
+                f"{', '.join(f'<code>{html.escape(i)}</code>' for i in data.inputs)}</p>"]
+
+    # scores
+    sections.append("<h2 id='scores'>Encoding scores per ROI</h2>")
+    if data.scores:
+        sections.append(_img(fig_roi_bars(data.scores), "ROI bar chart"))
+        sections.append("<p class='caption'>Pearson r between predicted and measured BOLD per ROI, per model "
+                        "(agent) and prompt condition. Encoding-service scores are running r of ROI-mean time "
+                        "courses; fit scores are leave-one-run-out cross-validated.</p>")
+        streams = list(dict.fromkeys((r["agent"], r["condition"]) for r in data.scores))
+        rois = _roi_order(data.scores)
+        table = {(r["agent"], r["condition"], r["roi"]): r["score"] for r in data.scores}
+        sections.append(_table(["ROI"] + [_stream_name(a, c) for a, c in streams],
+                               [[roi] + [table.get((a, c, roi), float("nan")) for a, c in streams] for roi in rois]))
+    else:
+        sections.append("<p class='none'>No scores table in this run.</p>")
+
+    # variance partitioning
+    sections.append("<h2 id='partition'>Variance partitioning: unique action vs unique reasoning</h2>")
+    if data.partitions:
+        sections.append(_img(fig_partition(data.partitions), "variance partitioning bars"))
+        scatter = fig_partition_scatter(data.partitions)
+        if scatter:
+            sections.append(_img(scatter, "unique variance scatter"))
+        sections.append("<p class='caption'>unique A = R²(A∪B) − R²(B), unique B = R²(A∪B) − R²(A), shared = "
+                        "R²(A) + R²(B) − R²(A∪B) (Dupré la Tour et al. 2022), held-out R² averaged over the ROI's "
+                        "voxels; negative values mean no detectable unique/shared variance.</p>")
+        cols = [c for c in data.partitions[0] if c != "source" and (c != "agent" or any(p["agent"] for p in data.partitions))]
+        sections.append(_table(cols, [[p.get(c, float("nan")) for c in cols] for p in data.partitions]))
+    else:
+        sections.append("<p class='none'>No variance partitioning results in this run "
+                        "(<code>partition.tsv</code> or <code>unique_*</code> columns).</p>")
+
+    # brain maps
+    sections.append("<h2 id='maps'>Brain maps</h2>")
+    figures = brain_figures(data, run_dir)
+    if figures:
+        for caption, b64 in figures:
+            sections.append(_img(b64, caption) + f"<p class='caption'>{html.escape(caption)}. Glass brain (left) and "
+                            "axial slices on the MNI152 template bundled with nilearn (right).</p>")
+    else:
+        sections.append("<p class='none'>No NIfTI maps and no atlas in this run.</p>")
+
+    # latency
+    sections.append("<h2 id='latency'>Decision latency</h2>")
+    if any(v for conds in data.latency.values() for v in conds.values()):
+        sections.append(_img(fig_latency(data.latency, "Decision latency per agent and condition",
+                                         "frame received → decision (ms)"), "latency histogram"))
+        rows = [[_stream_name(a, c), len(v), *np.percentile(v, [50, 90, 99]).tolist(), float(np.max(v))]
+                for a, conds in data.latency.items() for c, v in conds.items() if v]
+        sections.append(_table(["stream", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"], rows))
+        if any(v for conds in data.staleness.values() for v in conds.values()):
+            sections.append(_img(fig_latency(data.staleness, "Frame staleness at decision",
+                                             "frame published → decision starts (ms)"), "staleness histogram"))
+    else:
+        sections.append("<p class='none'>No latency samples (<code>latency.json</code>) in this run.</p>")
+
+    # files
+    scores_tsv = out.with_name("report_scores.tsv")
+    extra_cols = sorted({k for r in data.scores for k in r} - {"agent", "condition", "roi", "score", "metric", "source"})
+    cols = ["agent", "condition", "roi", "score", "metric", *extra_cols, "source"]
+    scores_tsv.write_text("\t".join(cols) + "\n" + "".join(
+        "\t".join(f"{r[c]:.6g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + "\n"
+        for r in data.scores))
+    summary = {"run_dir": str(run_dir), "inputs": data.inputs, "scores": data.scores, "partitions": data.partitions,
+               "latency_ms": {a: {c: _summary(v) for c, v in conds.items()} for a, conds in data.latency.items()},
+               "brain_figures": [c for c, _ in figures]}
+    json_path = out.with_name("report.json")
+    json_path.write_text(json.dumps(_clean(summary), indent=2, allow_nan=False))
+    sections.append("<h2 id='files'>Data</h2><p>Underlying numbers: "
+                    f"<code>{scores_tsv.name}</code> (all score rows, long format), <code>{json_path.name}</code> "
+                    "(scores, partitions, latency summaries); inputs listed at the top.</p>")
+    out.write_text("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+                   f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+                   + "\n".join(sections) + "</body></html>")
+    return out
+
+
+def _summary(v: list[float]) -> dict[str, float]:
+    if not v:
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"n": len(v), "p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(max(v))}
+
+
+def _clean(o: Any) -> Any:
+    """JSON-ready copy: non-finite floats → null, numpy scalars → Python, paths → str."""
+    if isinstance(o, dict):
+        return {str(k): _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (np.floating, np.integer)):
+        o = o.item()
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, Path):
+        return str(o)
+    return o

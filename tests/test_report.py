@@ -1,0 +1,128 @@
+"""Run report: a small run folder with synthetic numbers and real NIfTI files → report.html."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.report import load_run, write_report
+
+ROIS = {1: "visual", 2: "motor", 3: "prefrontal"}
+
+
+def _write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(str(v) for v in r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return make_run_dir(tmp_path)
+
+
+def make_run_dir(tmp_path: Path) -> Path:
+    """Scores of two VLM prompt conditions and an RL baseline, a partition, an atlas, maps, latencies."""
+    import nibabel as nib
+
+    run = tmp_path / "run"
+    (run / "encoding").mkdir(parents=True)
+    affine = np.diag([8.0, 8.0, 8.0, 1.0])
+    affine[:3, 3] = [-72, -104, -56]  # an MNI-like 8 mm grid so nilearn's template sits under it
+    shape = (19, 24, 17)
+    ijk = np.indices(shape).reshape(3, -1).T
+    xyz = ijk * 8.0 + affine[:3, 3]
+    brain = ((xyz / [70, 95, 70]) ** 2).sum(1) < 1
+    labels = np.zeros(len(xyz), np.int16)
+    labels[brain & (xyz[:, 1] < -50)] = 1
+    labels[brain & (np.abs(xyz[:, 1] + 10) < 20) & (xyz[:, 2] > 20)] = 2
+    labels[brain & (xyz[:, 1] > 20)] = 3
+    nib.save(nib.Nifti1Image(labels.reshape(shape), affine), run / "atlas.nii.gz")
+    _write_tsv(run / "atlas_labels.tsv", ["index", "name"], [[k, v] for k, v in ROIS.items()])
+    # per-stream tables as the encoding service writes them, one per agent × prompt condition
+    _write_tsv(run / "encoding" / "vlm-0__action_scores.tsv", ["roi", "n_voxels", "n_trs", "r_roi_mean", "mean_voxel_r"],
+               [["all", 900, 120, 0.412, 0.201], ["visual", 300, 120, 0.731, 0.402],
+                ["motor", 120, 120, 0.254, 0.111], ["prefrontal", 200, 120, 0.137, 0.05]])
+    _write_tsv(run / "encoding" / "vlm-0__reasoning_scores.tsv", ["roi", "n_voxels", "n_trs", "r_roi_mean", "mean_voxel_r"],
+               [["all", 900, 120, 0.388, 0.19], ["visual", 300, 120, 0.529, 0.3],
+                ["motor", 120, 120, 0.318, 0.12], ["prefrontal", 200, 120, 0.447, 0.21]])
+    # a long table for an RL baseline
+    _write_tsv(run / "scores.tsv", ["agent", "condition", "roi", "r", "r2"],
+               [["rl-0", "", "visual", 0.356, 0.127], ["rl-0", "", "motor", 0.093, 0.009],
+                ["rl-0", "", "prefrontal", -0.021, -0.004]])
+    _write_tsv(run / "partition.tsv", ["roi", "unique_action", "unique_reasoning", "shared"],
+               [["visual", 0.061, 0.018, 0.103], ["motor", 0.047, 0.009, 0.02], ["prefrontal", 0.012, 0.083, 0.031]])
+    rng = np.random.default_rng(0)
+    r_map = np.where(labels.reshape(shape) > 0, rng.uniform(-0.2, 0.8, shape), 0).astype(np.float32)
+    nib.save(nib.Nifti1Image(r_map, affine), run / "encoding" / "vlm-0__action_cv_r.nii.gz")
+    pred = (rng.standard_normal(shape + (30,)) * (labels.reshape(shape) > 0)[..., None]).astype(np.float32)
+    nib.save(nib.Nifti1Image(pred, affine), run / "encoding" / "vlm-0__action_pred.nii.gz")
+    (run / "latency.json").write_text(json.dumps({
+        "vlm-0": {"action": list(rng.gamma(8, 6, 300)), "reasoning": list(rng.gamma(9, 7, 300))},
+        "rl-0": {"": list(rng.gamma(4, 0.5, 300))},
+        "staleness_ms": {"vlm-0": {"action": list(rng.gamma(3, 10, 300))}}}))
+    return run
+
+
+def test_load_run_reads_every_input(run_dir: Path):
+    data = load_run(run_dir)
+    streams = {(r["agent"], r["condition"]) for r in data.scores}
+    assert streams == {("vlm-0", "action"), ("vlm-0", "reasoning"), ("rl-0", "")}
+    assert {r["metric"] for r in data.scores} == {"r_roi_mean", "r"}
+    visual = next(r for r in data.scores if r["agent"] == "vlm-0" and r["condition"] == "action" and r["roi"] == "visual")
+    assert visual["score"] == pytest.approx(0.731) and visual["n_voxels"] == 300
+    assert [p["roi"] for p in data.partitions] == ["visual", "motor", "prefrontal"]
+    assert data.partitions[2]["unique_reasoning"] == pytest.approx(0.083)
+    assert data.atlas is not None and data.atlas_names == ROIS
+    assert [p.name for p in data.maps_3d] == ["vlm-0__action_cv_r.nii.gz"]
+    assert [p.name for p in data.maps_4d] == ["vlm-0__action_pred.nii.gz"]
+    assert set(data.latency) == {"vlm-0", "rl-0"} and len(data.latency["vlm-0"]["action"]) == 300
+    assert len(data.staleness["vlm-0"]["action"]) == 300
+
+
+def test_report_html_has_sections_images_and_numbers(run_dir: Path):
+    out = write_report(run_dir)
+    assert out == run_dir / "report.html"
+    page = out.read_text()
+    for anchor in ("id='scores'", "id='partition'", "id='maps'", "id='latency'", "id='files'"):
+        assert anchor in page
+    images = page.split('src="data:image/png;base64,')[1:]
+    # ROI bars, partition bars + scatter, 3 atlas paintings + 1 r map + 1 predicted map, latency + staleness
+    assert len(images) == 10
+    for img in images:
+        raw = base64.b64decode(img.split('"', 1)[0])
+        assert raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) > 5_000
+    for number in ("0.731", "0.529", "0.447", "0.356", "-0.021", "0.083", "0.061"):
+        assert f"<td>{number}</td>" in page, number
+    assert "http://" not in page and "https://" not in page  # self-contained
+    merged = (run_dir / "report_scores.tsv").read_text().splitlines()
+    assert merged[0].split("\t")[:5] == ["agent", "condition", "roi", "score", "metric"]
+    assert len(merged) == 1 + 4 + 4 + 3
+    assert any(line.startswith("vlm-0\treasoning\tprefrontal\t0.447\t") for line in merged)
+    summary = json.loads((run_dir / "report.json").read_text())
+    assert summary["latency_ms"]["rl-0"][""]["n"] == 300
+    lat = np.array(json.loads((run_dir / "latency.json").read_text())["vlm-0"]["action"])
+    assert summary["latency_ms"]["vlm-0"]["action"]["p50"] == pytest.approx(np.percentile(lat, 50))
+    # reading the folder again ignores the report's own outputs
+    assert len(load_run(run_dir).scores) == len(merged) - 1
+
+
+def test_report_command_and_empty_folder(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from neuroarcade.cli import app
+
+    run = tmp_path / "small"
+    run.mkdir()
+    _write_tsv(run / "scores.tsv", ["agent", "condition", "roi", "r"], [["a", "x", "v1", 0.25], ["a", "x", "v2", 0.5]])
+    res = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html"), "--title", "T1"])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "r.html").read_text()
+    assert "<title>T1</title>" in page and "<td>0.500</td>" in page and page.count("data:image/png;base64,") == 1
+    assert "No variance partitioning results" in page and "No latency samples" in page
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no scores"):
+        write_report(empty)
