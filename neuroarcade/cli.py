@@ -26,20 +26,22 @@ def main(
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", envvar="NEUROARCADE_CONFIG", exists=True, dir_okay=False,
         help="Pipeline config (TOML): a table named after a command sets that command's option defaults; "
-             "the tables game, agents, scanner, encoder, outputs, dashboard describe the closed loop.",
+             "the tables under 'pipeline' describe the closed loop.",
     ),
 ) -> None:
     """neuroarcade: run `neuroarcade COMMAND --help` for each job."""
-    from neuroarcade.config import ConfigError, default_map, load_config
+    from neuroarcade.config import ConfigError, check_command_tables, default_map, load_config
 
     ctx.obj = {"config": {}, "config_path": None}
     if config is not None:
         try:
             cfg = load_config(config)
+            defaults = default_map(cfg)
+            check_command_tables(defaults, ctx.command, ctx)
         except ConfigError as e:
             raise typer.BadParameter(str(e), param_hint="--config") from None
         ctx.obj = {"config": cfg, "config_path": config}
-        ctx.default_map = {**(ctx.default_map or {}), **default_map(cfg)}
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
 for area in (game, agents, encoding, product, dashboard, deploy):

@@ -1,9 +1,142 @@
-"""CLI commands of this area (filled in by its issue)."""
+"""`neuroarcade agent`, `neuroarcade models build-tiny`, `neuroarcade train-rl`.
+
+Heavy imports (torch, transformers, gymnasium) stay inside the command functions.
+"""
 
 from __future__ import annotations
 
+import json
+from typing import Optional
+
 import typer
+
+from services.transport import DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES
+
+models_app = typer.Typer(no_args_is_help=True, help="Local models: build the offline tiny VLM/LAM.")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def agent(
+    kind: str = typer.Option(..., help="rl or vlm."),
+    model: str = typer.Option("", help="VLM: hub name or local dir (e.g. from `models build-tiny`)."),
+    checkpoint: str = typer.Option("", help="RL: CleanRL .cleanrl_model or SB3 zip ('' = random Nature-CNN)."),
+    algo: str = typer.Option("ppo", help="RL architecture without a checkpoint: ppo or dqn."),
+    agent_id: str = typer.Option("", help="Client id (default: '<kind>-0')."),
+    role: str = typer.Option("observer", help="controller or observer."),
+    conditions: str = typer.Option("action", help="VLM prompt conditions, comma-separated (none,action,reasoning,…)."),
+    prompts_file: Optional[str] = typer.Option(None, help="TOML/JSON file of extra prompt conditions."),
+    layers: str = typer.Option("", help="VLM hidden-state layers to publish, comma-separated ('' = all)."),
+    rl_layers: str = typer.Option("penultimate", help="RL activations: penultimate,conv1,conv2,conv3."),
+    device: str = typer.Option("cpu", help="torch device."),
+    dtype: str = typer.Option("float32", help="VLM weights dtype (bfloat16 on GPU for 7B models)."),
+    activation_dtype: str = typer.Option("float16", help="float16 or float32 activations on the wire."),
+    frame_window: int = typer.Option(1, help="Frames per VLM decision (paper: 4)."),
+    window_s: float = typer.Option(1.5, help="Seconds the frame window spans."),
+    max_hz: float = typer.Option(0.0, help="Decision-rate limit (0 = as fast as frames and the model allow)."),
+    record: str = typer.Option("", help="Directory to record decisions and activations into."),
+    game: str = typer.Option("", help="Game the emulator runs (checks an RL checkpoint's recorded game)."),
+    frames: str = typer.Option(DEFAULT_FRAMES, help="Emulator frame PUB endpoint."),
+    control: str = typer.Option(DEFAULT_CONTROL, help="Emulator control ROUTER endpoint."),
+    activations: str = typer.Option(DEFAULT_ACTIVATIONS, help="Endpoint our Activation PUB binds ('' = none)."),
+    duration: Optional[float] = typer.Option(None, help="Seconds to run (default: until Ctrl-C)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Run an RL or VLM/LAM agent against the emulator: act on the newest frame, publish activations."""
+    import signal
+
+    from agents.base import FrameWindow, RateLimiter, Recorder
+    from services.agent import AgentService, AgentServiceConfig
+
+    if kind == "rl":
+        from agents.rl import RLAgent, RLConfig
+
+        built = RLAgent(RLConfig(checkpoint=checkpoint or None, algo=algo, game=game or None,
+                                 activation_layers=tuple(_csv(rl_layers))))
+    elif kind == "vlm":
+        from agents.vlm import VLMAgent, VLMConfig
+
+        if not model:
+            raise typer.BadParameter("--model is required for --kind vlm")
+        built = VLMAgent(VLMConfig(model=model, conditions=_csv(conditions), prompts_file=prompts_file,
+                                   device=device, dtype=dtype, activation_dtype=activation_dtype,
+                                   layers=[int(x) for x in _csv(layers)] or None))
+        if frame_window > 1:
+            built = FrameWindow(built, k=frame_window, span_s=window_s)
+    else:
+        raise typer.BadParameter("--kind must be rl or vlm")
+    if max_hz > 0:
+        built = RateLimiter(built, max_hz)
+    if record:
+        built = Recorder(built, record)
+    service = AgentService(built, AgentServiceConfig(
+        agent_id=agent_id or f"{kind}-0", role=role, frames_endpoint=frames, control_endpoint=control,
+        activations_endpoint=activations or None, duration_s=duration))
+    signal.signal(signal.SIGINT, lambda *_: service.stop())
+    signal.signal(signal.SIGTERM, lambda *_: service.stop())
+    try:
+        summary = service.run()
+    finally:
+        if hasattr(built, "close"):
+            built.close()
+    if as_json:
+        print(json.dumps(summary))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{summary['agent_id']} ({summary['model']}, {summary['role']})")
+    for col in ("condition", "decisions", "latency p50 ms", "latency p99 ms", "activations"):
+        table.add_column(col)
+    for cond, c in summary["conditions"].items():
+        table.add_row(cond or "-", str(c["decisions"]), f"{c['latency_p50_ms']:.1f}", f"{c['latency_p99_ms']:.1f}",
+                      str(c["activations"]))
+    console = Console()
+    console.print(table)
+    console.print(f"stale frames skipped {summary['stale_skipped']}, rejoins {summary['rejoins']}, "
+                  f"errors {len(summary['errors'])}")
+
+
+@models_app.command("build-tiny")
+def build_tiny_cmd(
+    out_dir: str = typer.Argument(..., help="Directory to write the model into."),
+    variant: str = typer.Option("vlm", help="vlm (Qwen2.5-VL) or lam (Qwen2-VL, stands in for UI-TARS/OS-Atlas)."),
+    seed: int = typer.Option(0, help="Weight seed (same seed → identical files)."),
+) -> None:
+    """Build a tiny random-weight VLM offline that loads like a hub checkpoint."""
+    from agents.tiny import TinyConfig, build_tiny
+
+    path = build_tiny(out_dir, variant, TinyConfig(seed=seed))
+    print(path)
+
+
+def train_rl(
+    algo: str = typer.Option("ppo", help="ppo or dqn."),
+    game: str = typer.Option("ALE/Pong-v5", help="Gymnasium ALE id."),
+    steps: int = typer.Option(10_000, help="Agent steps over all envs (frames = 4×)."),
+    num_envs: int = typer.Option(4, help="Parallel envs (vector env)."),
+    out: str = typer.Option(..., help="Checkpoint path (X.cleanrl_model; X.json and X.log.jsonl beside it)."),
+    seed: int = typer.Option(1),
+    device: str = typer.Option("cpu"),
+    threads: int = typer.Option(1, help="torch threads."),
+    eval_episodes: int = typer.Option(1),
+) -> None:
+    """Train a Nature-CNN PPO/DQN agent (CleanRL style); a useful Pong/Breakout PPO needs ~2.5M steps."""
+    from rich.progress import Progress
+
+    from agents.train_rl import TrainConfig, train
+
+    cfg = TrainConfig(game=game, algo=algo, steps=steps, num_envs=num_envs, seed=seed, device=device,
+                      torch_threads=threads, eval_episodes=eval_episodes)
+    with Progress() as progress:
+        task = progress.add_task(f"{algo} {game}", total=steps)
+        meta = train(cfg, out, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    print(json.dumps({k: v for k, v in meta.items() if k != "config"}))
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("agent")(agent)
+    app.command("train-rl")(train_rl)
+    app.add_typer(models_app, name="models")

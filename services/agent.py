@@ -1,0 +1,300 @@
+"""Agent service: runs any :class:`agents.base.Agent` against the emulator, closed loop.
+
+Per loop: take the newest frame (GameClient keeps-newest, so a slow agent skips stale frames
+instead of working through a backlog), decide, send one Action per prompt condition naming the
+frame it acted on, and publish one Activation per (condition, pooling) on our own PUB socket.
+GameClient sends heartbeats and rejoins by itself when the emulator restarts; the agent's frame
+history is reset when the session changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from agents.base import Agent, Decision, FatalAgentError, FrameRef, Observation
+from protocols import Activation, Frame
+from services.client import GameClient
+from services.transport import (
+    DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, Channel, make_socket,
+)
+
+log = logging.getLogger("neuroarcade.agent")
+
+
+@dataclass
+class AgentServiceConfig:
+    """Where an agent service connects and how long it runs."""
+
+    agent_id: str
+    """Unique client name, e.g. ``vlm-0``; goes into Hello, Action and Activation."""
+    role: str = "observer"
+    """``controller`` drives the game; ``observer`` only logs its actions."""
+    frames_endpoint: str = DEFAULT_FRAMES
+    control_endpoint: str = DEFAULT_CONTROL
+    activations_endpoint: str | None = DEFAULT_ACTIVATIONS
+    """Endpoint our PUB socket binds for Activation messages; None publishes nothing."""
+    duration_s: float | None = None
+    """Stop after this many seconds (None: until stopped)."""
+    max_decisions: int | None = None
+    """Stop after this many decisions (None: no limit)."""
+    join_timeout_s: float = 30.0
+    """How long to wait for the first Welcome."""
+    frame_timeout_ms: int = 200
+    """Poll interval for frames (the stop flag is checked this often)."""
+
+
+@dataclass
+class _ConditionStats:
+    decisions: int = 0
+    activations: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+
+
+def _pct(values: list[int], q: float) -> float:
+    return float(np.percentile(np.asarray(values) / 1e6, q)) if values else 0.0
+
+
+@dataclass
+class _Pending:
+    frame: Frame
+    meanings: tuple[str, ...]
+    received_ns: int
+    skipped: tuple[FrameRef, ...] = ()
+
+
+class _Mailbox:
+    """Holds only the newest frame: a newer one replaces an untaken one (counted as stale).
+
+    Replaced frames are remembered (the last ``keep``) and handed over with the next frame as
+    history, never as input: frame windows and frame stacks stay exact for a slow agent.
+    """
+
+    def __init__(self, keep: int = 64) -> None:
+        self._cond = threading.Condition()
+        self._item: _Pending | None = None
+        self._skipped: deque[Frame] = deque(maxlen=keep)
+        self.replaced = 0
+
+    def put(self, item: _Pending) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.replaced += 1
+                self._skipped.append(self._item.frame)
+            self._item = item
+            self._cond.notify()
+
+    def take(self, timeout_s: float) -> _Pending | None:
+        with self._cond:
+            if self._item is None:
+                self._cond.wait(timeout_s)
+            item, self._item = self._item, None
+            if item is not None:
+                now = item.frame
+                item.skipped = tuple(FrameRef(f.seq, f.t_ns, f.pixels) for f in self._skipped
+                                     if f.session_id == now.session_id and f.seq < now.seq)
+                self._skipped.clear()
+            return item
+
+
+class AgentService:
+    """One agent connected to one emulator; ``run()`` blocks and returns a summary dict.
+
+    Two threads: the I/O thread owns the GameClient (frames, actions, heartbeats, rejoins) and
+    reads frames continuously into a one-slot mailbox, so no backlog can build up in ZMQ or
+    kernel buffers while the model is busy; the decision thread takes the newest frame, runs
+    the agent, publishes activations and hands the actions back to the I/O thread (a queue plus
+    an inproc wake-up socket, since ZMQ sockets are single-threaded).
+    """
+
+    def __init__(self, agent: Agent, cfg: AgentServiceConfig, ctx: zmq.Context | None = None):
+        self.agent = agent
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        """Set once joined and the activation socket is bound."""
+        self.stats = {c: _ConditionStats() for c in agent.conditions}
+        self.frame_ages_ns: list[int] = []
+        """Time from the frame's emulator time stamp to the decision starting on it (same host only)."""
+        self.decided_seqs: list[int] = []
+        self.decisions = 0
+        self.illegal = 0
+        self.errors: list[str] = []
+        self.fatal: BaseException | None = None
+        self.stage_ms: dict[str, float] = {}
+        self._mailbox = _Mailbox()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_addr = f"inproc://agent-wake-{id(self)}"
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        client = GameClient(cfg.agent_id, role=cfg.role, frames_endpoint=cfg.frames_endpoint,
+                            control_endpoint=cfg.control_endpoint, model=self.agent.name,
+                            conditions=[c for c in self.agent.conditions if c], ctx=self.ctx)
+        wake_rx = self.ctx.socket(zmq.PAIR)
+        wake_rx.bind(self._wake_addr)
+        decider = threading.Thread(target=self._decision_loop, name=f"{cfg.agent_id}-decide", daemon=True)
+        t_start = time.monotonic()
+        try:
+            client.join(timeout_s=cfg.join_timeout_s)
+            decider.start()  # sets ``ready`` once the activation socket is bound
+            self._io_loop(client, wake_rx, t_start)
+        finally:
+            self.stop_event.set()
+            if decider.is_alive():
+                decider.join()
+            self._send_actions(client)
+            client.close()
+            wake_rx.close(linger=0)
+        if self.fatal is not None:
+            raise self.fatal
+        return self.summary(client, time.monotonic() - t_start)
+
+    # --- I/O thread ----------------------------------------------------------------------------
+
+    def _io_loop(self, client: GameClient, wake_rx: zmq.Socket, t_start: float) -> None:
+        cfg = self.cfg
+        poller = zmq.Poller()
+        poller.register(client.sub, zmq.POLLIN)
+        poller.register(wake_rx, zmq.POLLIN)
+        while not self.stop_event.is_set():
+            if cfg.duration_s is not None and time.monotonic() - t_start >= cfg.duration_s:
+                break
+            if cfg.max_decisions is not None and self.decisions >= cfg.max_decisions:
+                break
+            events = dict(poller.poll(cfg.frame_timeout_ms))
+            if wake_rx in events:
+                while wake_rx.poll(0):
+                    wake_rx.recv()
+                self._send_actions(client)
+            # Also called without frame events: it sends heartbeats and notices a silent emulator.
+            frame = client.next_frame(timeout_ms=0)
+            if frame is None or client.welcome is None or frame.session_id != client.welcome.session_id:
+                continue  # nothing new, or a rejoin is still under way
+            self._mailbox.put(_Pending(frame, tuple(client.welcome.action_meanings), time.monotonic_ns()))
+
+    def _send_actions(self, client: GameClient) -> None:
+        while True:
+            try:
+                frame, choice, latency_ns = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                client.act(frame, choice.action, probs=[float(p) for p in choice.probs],
+                           condition=choice.condition, latency_ns=latency_ns)
+            except zmq.Again:
+                self.errors.append(f"frame {frame.seq}: action not sent (emulator unreachable)")
+
+    # --- decision thread -----------------------------------------------------------------------
+
+    def _decision_loop(self) -> None:
+        pub = None
+        wake_tx = self.ctx.socket(zmq.PAIR)
+        wake_tx.connect(self._wake_addr)
+        try:
+            if self.cfg.activations_endpoint:
+                pub = Channel(make_socket(self.ctx, zmq.PUB))
+                pub.sock.bind(self.cfg.activations_endpoint)
+            self.ready.set()
+            session = None
+            while not self.stop_event.is_set():
+                item = self._mailbox.take(timeout_s=0.1)
+                if item is None:
+                    continue
+                if session is not None and item.frame.session_id != session:
+                    self.agent.reset()  # emulator restarted: frame history belongs to the old session
+                session = item.frame.session_id
+                decision = self._step(item, lambda: wake_tx.send(b"", flags=zmq.NOBLOCK))
+                if decision is not None and pub is not None:
+                    self._publish(pub, decision)
+        except BaseException as err:  # FatalAgentError, or the activation endpoint cannot be bound
+            self.fatal = err
+            self.stop_event.set()
+        finally:
+            wake_tx.close(linger=0)
+            if pub is not None:
+                pub.sock.close(linger=200)
+
+    def _step(self, item: _Pending, wake: Callable[[], None]) -> Decision | None:
+        """Decide on one frame and queue its actions (``wake`` tells the I/O thread to send them)."""
+        frame, meanings = item.frame, item.meanings
+        started_ns = time.monotonic_ns()
+        obs = Observation((FrameRef(frame.seq, frame.t_ns, frame.pixels),), meanings, item.received_ns,
+                          skipped=item.skipped)
+        try:
+            decision = self.agent.infer(obs)
+        except FatalAgentError:
+            raise
+        except Exception as err:  # a bad frame or model error is counted, never kills the service
+            self.errors.append(f"frame {frame.seq}: {type(err).__name__}: {str(err)[:300]}")
+            if len(self.errors) <= 3:  # the first few with a traceback; then only counted
+                log.exception("%s: decision failed on frame %d", self.cfg.agent_id, frame.seq)
+            return None
+        if decision is None:
+            return None
+        latency_ns = time.monotonic_ns() - item.received_ns
+        self.decisions += 1
+        self.decided_seqs.append(frame.seq)
+        self.frame_ages_ns.append(started_ns - frame.t_ns)
+        for k, v in decision.timings_ms.items():
+            self.stage_ms[k] = self.stage_ms.get(k, 0.0) + v
+        for choice in decision.choices:
+            st = self.stats.setdefault(choice.condition, _ConditionStats())
+            if not 0 <= choice.action < len(meanings):
+                self.illegal += 1  # never sent: the emulator would reject it
+                continue
+            self._outbox.put((frame, choice, latency_ns))
+            st.decisions += 1
+            st.latencies_ns.append(latency_ns)
+        wake()  # actions leave before the activations are encoded and published
+        return decision
+
+    def _publish(self, pub: Channel, decision: Decision) -> None:
+        t_ns = time.monotonic_ns()
+        for a in decision.activations:
+            msg = Activation(agent_id=self.cfg.agent_id, model=self.agent.name, condition=a.condition,
+                             layers=list(a.layers), pooling=a.pooling, frame_seqs=list(decision.frame_seqs),
+                             t_ns=t_ns, vectors=np.ascontiguousarray(a.vectors), frame_t_ns=decision.frame_t_ns)
+            try:
+                pub.send(msg, topic=TOPIC_ACTIVATION, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            self.stats.setdefault(a.condition, _ConditionStats()).activations += 1
+
+    def summary(self, client: GameClient, duration_s: float) -> dict:
+        per = {}
+        for cond, st in self.stats.items():
+            per[cond] = {"decisions": st.decisions, "latency_p50_ms": _pct(st.latencies_ns, 50),
+                         "latency_p99_ms": _pct(st.latencies_ns, 99), "activations": st.activations}
+        return {
+            "agent_id": self.cfg.agent_id, "model": self.agent.name, "role": client.role,
+            "duration_s": duration_s, "decisions": self.decisions, "conditions": per,
+            "stale_skipped": client.stats.frames_skipped + self._mailbox.replaced,
+            "frames_received": client.stats.frames_received,
+            "rejoins": client.stats.rejoins, "illegal_actions": self.illegal,
+            "frame_age_p50_ms": _pct(self.frame_ages_ns, 50),
+            "frame_age_max_ms": float(max(self.frame_ages_ns) / 1e6) if self.frame_ages_ns else 0.0,
+            "stage_mean_ms": {k: v / max(self.decisions, 1) for k, v in self.stage_ms.items()},
+            "errors_total": len(self.errors) + len(client.stats.errors),
+            "errors": self.errors[:5] + client.stats.errors[:5],
+        }
+
+
+def run_agent_service(agent: Agent, cfg: AgentServiceConfig, stop_event: threading.Event | None = None) -> dict:
+    """Run until duration/max_decisions/stop_event; returns the summary dict."""
+    service = AgentService(agent, cfg)
+    if stop_event is not None:
+        service.stop_event = stop_event
+    return service.run()

@@ -1,0 +1,162 @@
+"""Closed-loop run on loopback: the emulator plus an RL agent plus a tiny-VLM agent.
+
+The emulator runs in a thread of this process; every agent runs in its own spawned process
+(one small model per process, 1 torch thread), so a slow model never holds the GIL of the
+emulator or of another agent. ``run_closed_loop`` returns one summary dict (``neuroarcade
+demo --json`` prints it): per agent and prompt condition ``decisions``, ``latency_p50_ms``,
+``latency_p99_ms``, ``activations``, ``stale_skipped``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from services.transport import free_tcp_endpoint
+
+
+@dataclass
+class AgentSpec:
+    """One agent process of a closed loop."""
+
+    agent_id: str
+    kind: str
+    """``rl`` or ``vlm``."""
+    role: str = "observer"
+    model: str = ""
+    """VLM: model dir/hub name; RL: checkpoint path ('' = random Nature-CNN)."""
+    conditions: list[str] = field(default_factory=lambda: ["action"])
+    """VLM prompt conditions (all run in one batched forward)."""
+    frame_window: int = 1
+    """Frames per decision (VLM; >1 wraps the agent in FrameWindow over window_s)."""
+    window_s: float = 1.5
+    added_latency_s: float = 0.0
+    """Extra sleep per decision (emulates a slower model)."""
+    activations_endpoint: str = ""
+
+
+def build_agent(spec: AgentSpec, game: str):
+    """Build the agent a spec names (in the process that will run it)."""
+    from agents.base import AddedLatency, FrameWindow
+
+    if spec.kind == "rl":
+        from agents.rl import RLAgent, RLConfig
+
+        agent = RLAgent(RLConfig(checkpoint=spec.model or None, game=game))
+    elif spec.kind == "vlm":
+        from agents.vlm import VLMAgent, VLMConfig
+
+        agent = VLMAgent(VLMConfig(model=spec.model, conditions=list(spec.conditions)))
+        if spec.frame_window > 1:
+            agent = FrameWindow(agent, k=spec.frame_window, span_s=spec.window_s)
+    else:
+        raise ValueError(f"unknown agent kind {spec.kind!r} (rl or vlm)")
+    if spec.added_latency_s > 0:
+        agent = AddedLatency(agent, spec.added_latency_s)
+    return agent
+
+
+def _agent_process(spec: AgentSpec, game: str, frames: str, control: str, ready, stop, results) -> None:
+    from services.agent import AgentService, AgentServiceConfig
+
+    try:
+        agent = build_agent(spec, game)
+        service = AgentService(agent, AgentServiceConfig(
+            agent_id=spec.agent_id, role=spec.role, frames_endpoint=frames, control_endpoint=control,
+            activations_endpoint=spec.activations_endpoint or None))
+        threading.Thread(target=lambda: (stop.wait(), service.stop()), daemon=True).start()
+        threading.Thread(target=lambda: (service.ready.wait(), ready.set()), daemon=True).start()
+        results.put((spec.agent_id, service.run()))
+    except Exception as err:  # report instead of dying silently
+        ready.set()
+        results.put((spec.agent_id, {"error": f"{type(err).__name__}: {err}"}))
+
+
+def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_dir: str | None = None,
+                    agents: list[AgentSpec] | None = None, startup_timeout_s: float = 120.0) -> dict:
+    """Start emulator + agents on loopback, run ``duration_s`` once all agents joined, return the summary.
+
+    Without ``agents``: an RL controller (random Nature-CNN PPO unless a checkpoint is given) and a
+    tiny-VLM observer with conditions ``action`` and ``reasoning`` (built into a temp dir when
+    ``model_dir`` is None).
+    """
+    from services.emulator import Emulator, EmulatorConfig
+    from services.game import GameSettings
+
+    with tempfile.TemporaryDirectory(prefix="neuroarcade-loop-") as tmp:
+        if agents is None:
+            if model_dir is None:
+                from agents.tiny import build_tiny
+
+                model_dir = str(build_tiny(Path(tmp) / "tiny-vlm", "vlm"))
+            agents = [AgentSpec("rl-0", "rl", role="controller"),
+                      AgentSpec("vlm-0", "vlm", model=model_dir, conditions=["action", "reasoning"])]
+        for spec in agents:
+            spec.activations_endpoint = spec.activations_endpoint or free_tcp_endpoint()
+        frames, control = free_tcp_endpoint(), free_tcp_endpoint()
+        emulator = Emulator(EmulatorConfig(game=GameSettings(game=game), frames_endpoint=frames,
+                                           control_endpoint=control, record_path=str(Path(tmp) / "loop.narec")))
+        emu_result: dict = {}
+        emu_thread = threading.Thread(target=lambda: emu_result.update(summary=emulator.run()), daemon=True)
+        emu_thread.start()
+        emulator.ready.wait(30)
+        spawn = mp.get_context("spawn")
+        stop, results = spawn.Event(), spawn.Queue()
+        procs, readies = [], []
+        for spec in agents:
+            ready = spawn.Event()
+            p = spawn.Process(target=_agent_process, args=(spec, game, frames, control, ready, stop, results),
+                              name=spec.agent_id, daemon=True)
+            p.start()
+            procs.append(p)
+            readies.append(ready)
+        t_wait = time.monotonic() + startup_timeout_s
+        for ready in readies:
+            ready.wait(max(0.0, t_wait - time.monotonic()))
+        steps_at_start = emulator.steps
+        t0 = time.monotonic()
+        time.sleep(duration_s)
+        run_s = time.monotonic() - t0
+        steps_in_run = emulator.steps - steps_at_start
+        stop.set()
+        summaries = {}
+        for _ in procs:
+            try:
+                agent_id, summary = results.get(timeout=30)
+                summaries[agent_id] = summary
+            except Exception:
+                break
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+        emulator.stop()
+        emu_thread.join(10)
+        emu = emu_result.get("summary")
+    return _report(agents, summaries, run_s, steps_in_run, game, emu)
+
+
+def _report(agents: list[AgentSpec], summaries: dict, run_s: float, steps: int, game: str, emu) -> dict:
+    entries = []
+    for spec in agents:
+        s = summaries.get(spec.agent_id, {"error": "no summary (agent process died)"})
+        if "error" in s:
+            entries.append({"agent_id": spec.agent_id, "kind": spec.kind, "condition": "", "error": s["error"],
+                            "decisions": 0, "latency_p50_ms": 0.0, "latency_p99_ms": 0.0, "activations": 0,
+                            "stale_skipped": 0})
+            continue
+        for cond, c in s["conditions"].items():
+            entries.append({"agent_id": spec.agent_id, "kind": spec.kind, "model": s["model"], "role": s["role"],
+                            "condition": cond, **c, "stale_skipped": s["stale_skipped"],
+                            "frame_age_max_ms": s["frame_age_max_ms"], "errors": s["errors_total"]})
+    return {
+        "game": game, "duration_s": round(run_s, 3),
+        "emulator": {"steps": steps, "steps_per_s": round(steps / run_s, 2) if run_s else 0.0,
+                     "frames_published": getattr(emu, "frames_published", None)},
+        "agents": entries,
+        "specs": [asdict(a) for a in agents],
+    }

@@ -1,0 +1,19 @@
+"""The closed loop behind `neuroarcade demo`: emulator + RL agent + tiny VLM with two conditions, processes."""
+
+from __future__ import annotations
+
+from services.closed_loop import run_closed_loop
+
+
+def test_closed_loop_reports_decisions_and_activations_per_agent_and_condition():
+    summary = run_closed_loop(duration_s=4.0)
+    entries = {(e["agent_id"], e["condition"]): e for e in summary["agents"]}
+    assert set(entries) == {("rl-0", ""), ("vlm-0", "action"), ("vlm-0", "reasoning")}, summary["agents"]
+    for key, e in entries.items():
+        assert "error" not in e, e
+        assert e["decisions"] > 0 and e["activations"] > 0, (key, e)
+        assert 0 < e["latency_p50_ms"] <= e["latency_p99_ms"]
+        assert e["stale_skipped"] >= 0 and e["errors"] == 0
+    # two poolings (last_token, mean_image) per VLM condition per decision
+    assert entries[("vlm-0", "action")]["activations"] == 2 * entries[("vlm-0", "action")]["decisions"]
+    assert summary["emulator"]["steps"] > 0.8 * 15 * summary["duration_s"]
