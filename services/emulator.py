@@ -38,7 +38,7 @@ from .game import GameEnv, GameSettings, frame_hash, new_session_id, settings_fr
 from .security import CurveConfig, ServerSecurity
 from .recording import ActionLog, End, Recording, RecordingWriter, Reset, Step, TriggerMark, read_recording
 from .transport import (
-    DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_FRAME, TOPIC_HEARTBEAT, Channel, Counters, make_socket,
+    DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_FRAME, TOPIC_HEARTBEAT, TOPIC_TRIGGER, Channel, Counters, make_socket,
 )
 
 log = logging.getLogger("neuroarcade.emulator")
@@ -75,6 +75,10 @@ class EmulatorConfig:
     """Lockstep: re-publish the pending frame this often while waiting."""
     wait_for_controller_s: float | None = None
     """Lockstep: how long to wait for a controller before the first frame (None = forever)."""
+    wait_for_clients: int = 0
+    """Before the first frame, wait until this many clients said Hello (e.g. the agents of a replay)."""
+    wait_for_clients_s: float = 120.0
+    """How long to wait for them before starting anyway."""
     replay_path: str = ""
     """Replay mode: the recording to play back."""
     speed: float = 1.0
@@ -206,6 +210,7 @@ class Emulator:
         self.ready.set()
         reason = "stopped"
         try:
+            self._wait_for_clients(cfg.wait_for_clients, cfg.wait_for_clients_s)
             if cfg.mode == "lockstep" and not self._wait_for_controller():
                 reason = "no controller"
             else:
@@ -313,36 +318,47 @@ class Emulator:
         return reason
 
     def _run_replay(self) -> str:
+        """Re-run the recording's actions, re-emitting its scanner triggers at the same game time.
+
+        Triggers go out on the frames PUB (topic ``trigger``) and into this session's recording, so
+        downstream (scanner follower, encoder) sees the replay exactly as the original session.
+        """
         assert self.source is not None
         src = self.source
         speed = self.cfg.speed
-        resets = {r.seq: r for r in src.resets}
-        steps = {s.seq: s for s in src.steps}
-        order = sorted(set(resets) | set(steps))
-        if not order:
+        events: list[tuple[int, int, str, object]] = []  # (t_ns, order, kind, record)
+        events += [(r.t_ns, 1, "reset", r) for r in src.resets]
+        events += [(s.t_ns, 1, "step", s) for s in src.steps]
+        events += [(t.t_ns, 0, "trigger", t) for t in src.triggers]  # a trigger precedes a frame at the same time
+        events.sort(key=lambda e: (e[0], e[1], getattr(e[3], "seq", 0)))
+        if not any(kind != "trigger" for _, _, kind, _ in events):
             return "empty recording"
-        t0_rec = resets[order[0]].t_ns if order[0] in resets else steps[order[0]].t_ns
+        t0_rec = events[0][0]
         t0 = time.monotonic_ns()
-        for seq in order:
+        for t_rec, _, kind, rec in events:
             if (reason := self._should_stop()) is not None:
                 return reason
-            rec_t = resets[seq].t_ns if seq in resets else steps[seq].t_ns
-            if speed > 0:
-                self._serve_until(t0 + int((rec_t - t0_rec) / speed))
-            else:
-                self._serve_until(time.monotonic_ns())
-            if seq in resets:
-                h = self._reset_and_publish()
-                expected = resets[seq].frame_hash
-            else:
-                h = self._step_and_publish(steps[seq].action, "recorded")
-                expected = steps[seq].frame_hash
-            if h != expected:
+            self._serve_until(t0 + int((t_rec - t0_rec) / speed) if speed > 0 else time.monotonic_ns())
+            if kind == "trigger":
+                self._emit_trigger(rec.tr_index, source="replay")
+                continue
+            h = self._reset_and_publish() if kind == "reset" else self._step_and_publish(rec.action, "recorded")
+            if h != rec.frame_hash:
                 self._mismatches += 1
                 if self._first_mismatch is None:
-                    self._first_mismatch = seq
-                    log.error("replay diverged at seq %d: %s != recorded %s", seq, h, expected)
+                    self._first_mismatch = rec.seq
+                    log.error("replay diverged at seq %d: %s != recorded %s", rec.seq, h, rec.frame_hash)
         return "end of recording" if src.complete else "end of truncated recording"
+
+    def _emit_trigger(self, tr_index: int, source: str) -> None:
+        now = time.monotonic_ns()
+        self._triggers += 1
+        self.writer.write(TriggerMark(tr_index=tr_index, t_ns=now, source=source))
+        try:
+            self.frames.send(Trigger(tr_index=tr_index, t_ns=now, source=source), topic=TOPIC_TRIGGER,
+                             flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     # --- stepping --------------------------------------------------------------------------
 
@@ -436,8 +452,7 @@ class Emulator:
         elif isinstance(msg, Action):
             self._on_action(identity, client, msg, now)
         elif isinstance(msg, Trigger):
-            self._triggers += 1
-            self.writer.write(TriggerMark(tr_index=msg.tr_index, t_ns=now, source=msg.source))
+            self._emit_trigger(msg.tr_index, source=msg.source or (client.client_id if client else ""))
         elif isinstance(msg, Bye):
             self._drop(identity)
         else:
@@ -510,6 +525,13 @@ class Emulator:
                 return False
             self._serve_until(time.monotonic_ns() + 100_000_000)
         return self.controller is not None
+
+    def _wait_for_clients(self, n: int, limit_s: float) -> None:
+        t_end = time.monotonic_ns() + int(limit_s * 1e9)
+        while len(self.clients) < n and not self.stop_event.is_set() and time.monotonic_ns() < t_end:
+            self._serve_until(time.monotonic_ns() + 50_000_000)
+        if len(self.clients) < n:
+            log.warning("starting with %d of %d clients", len(self.clients), n)
 
     def _expire_clients(self, now: int) -> None:
         limit = int(3 * self.cfg.heartbeat_s * 1e9)

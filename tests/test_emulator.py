@@ -184,3 +184,31 @@ def test_prometheus_metrics_expose_counters(start_emulator):
     assert lines['neuroarcade_emulator_messages_rejected_total{code="bad_header"}'] == 1
     assert lines['neuroarcade_emulator_client_actions_total{client="ctl"}'] >= 1
     assert lines["neuroarcade_emulator_clients"] == 1
+
+
+def test_replay_re_emits_scanner_triggers_at_the_same_game_time(start_emulator, tmp_path):
+    from protocols import Trigger
+    from services.transport import TOPIC_TRIGGER
+
+    src = tmp_path / "scan.narec"
+    rec = record_headless(GameSettings(game="ALE/Pong-v5"), 150, src, tr_s=2.0)
+    emu = start_emulator(mode="replay", replay_path=str(src), speed=10.0, wait_for_clients=1)
+    ctx = zmq.Context.instance()
+    sub = make_socket(ctx, zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, TOPIC_TRIGGER)
+    sub.connect(emu.cfg.frames_endpoint)
+    ch = Channel(sub)
+    time.sleep(0.3)  # subscription in place before the replay starts
+    watcher = _client(emu, "watcher", role="observer")
+    got = []
+    while emu.thread.is_alive() or sub.poll(0):
+        if sub.poll(200):
+            _, body = split_topic(ch.recv_parts())
+            msg = ch.decode(body)
+            if isinstance(msg, Trigger):
+                got.append(msg.tr_index)
+    sub.close(0)
+    watcher.close()
+    assert got == [t.tr_index for t in rec.triggers]
+    replayed = read_recording(emu.summary.record_path)
+    assert replayed.frames_per_tr() == rec.frames_per_tr()  # the same frames fall in the same TRs
