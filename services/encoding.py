@@ -1,0 +1,383 @@
+"""Encoding service: activations + BOLD in, per-TR predictions and running scores out.
+
+``EncodingCore`` is the whole per-TR logic as a plain class (no sockets): tests and the replay
+product call it directly. ``run_encoding_service`` is the thin ZMQ layer around it:
+
+    agents' PUB (Activation) ─┐
+    scanner PUB (Trigger)   ──┼─ SUB ─► EncodingCore ─► PUB (Prediction, TOPIC_PREDICTION)
+    scanner PUB (BoldVolume) ─┘                       └► at the end: predicted 4D NIfTI + scores TSV
+
+Per TR t: the feature row is the mean of the decisions whose newest frame was shown during TR t
+(``encoders/align.py``); it closes ``grace_s`` after trigger t+1 (activations lag the frames),
+goes through the fit's preprocessing and the delay ring buffer (``encoders/stream.py``), and
+the prediction for TR t is published; measured volume t updates the running Pearson r per ROI
+(ROI-mean time courses) and per voxel as soon as both exist, and is re-published with it.
+
+Bad input never stops the service: a malformed message, an activation from another model /
+layer / condition / dimension, a volume of the wrong shape each raise ``InputError`` inside the
+core; the loop counts it by kind, logs the first of each kind clearly, and goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from encoders.align import TrAligner
+from encoders.stream import OnlinePredictor
+from encoders.weights import EncodingWeights, WeightsError, roi_table
+from protocols import Activation, BoldVolume, Prediction, Trigger
+
+log = logging.getLogger("neuroarcade.encoding")
+
+
+class InputError(ValueError):
+    """An input the core rejects; ``kind`` names the counter it goes to."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class CoreConfig:
+    """Options of the per-TR core."""
+
+    agent_id: str = ""
+    """Only this agent's activations ('' = the first agent whose activations match the weights)."""
+    grace_s: float = 0.5
+    """TR t closes this long after trigger t+1, so activations of its last frames can arrive."""
+    tr_s: float | None = None
+    """Actual TR of the stream (default: the weights' TR); a time-compressed simulation sets it."""
+    send_voxels: bool = False
+    """Attach the whole-mask prediction (float32) to every Prediction message."""
+    device: str = "cpu"
+    """Where the per-TR matrix product runs: "cpu" (numpy) or a torch device ("cuda")."""
+    max_pending_volumes: int = 64
+    """Measured volumes kept while waiting for their prediction (older ones are dropped)."""
+
+
+class _Running:
+    """Streaming Pearson r over paired samples, element-wise (one per ROI or per voxel)."""
+
+    def __init__(self, n: int):
+        self.n = 0
+        self.sp = np.zeros(n)
+        self.sm = np.zeros(n)
+        self.spp = np.zeros(n)
+        self.smm = np.zeros(n)
+        self.spm = np.zeros(n)
+
+    def add(self, p: np.ndarray, m: np.ndarray) -> None:
+        p = np.asarray(p, dtype=np.float64)
+        m = np.asarray(m, dtype=np.float64)
+        self.n += 1
+        self.sp += p
+        self.sm += m
+        self.spp += p * p
+        self.smm += m * m
+        self.spm += p * m
+
+    def r(self) -> np.ndarray:
+        if self.n < 2:
+            return np.full(self.sp.shape, np.nan)
+        cov = self.spm - self.sp * self.sm / self.n
+        vp = self.spp - self.sp**2 / self.n
+        vm = self.smm - self.sm**2 / self.n
+        den = np.sqrt(np.clip(vp, 0, None) * np.clip(vm, 0, None))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, cov / den, np.nan)
+
+
+class EncodingCore:
+    """Per-TR encoding logic for one agent's feature stream(s) against one BOLD run."""
+
+    def __init__(self, weights: EncodingWeights, cfg: CoreConfig | None = None):
+        self.weights = weights
+        self.cfg = cfg or CoreConfig()
+        self.tr_ns = int(round((self.cfg.tr_s or weights.tr) * 1e9))
+        self.aligners = [TrAligner(dim=s.dim, tr_ns=self.tr_ns, fill_value=s.mean) for s in weights.spaces]
+        self.rois = roi_table(weights)
+        self.roi_names = [name for name, _ in self.rois]
+        # ROI averaging as one (n_voxels, n_rois) matrix: applied where the prediction is computed (on the
+        # GPU too), so only n_rois numbers are added per TR; 'all' (every masked voxel) is column 0
+        self._pool = np.zeros((weights.n_voxels, len(self.rois)), dtype=np.float32)
+        for k, (_, idx) in enumerate(self.rois):
+            self._pool[idx, k] = 1.0 / max(len(idx), 1)
+        self.predictor = OnlinePredictor(weights, device=self.cfg.device, pool=self._pool)
+        self.agent_id = self.cfg.agent_id
+        self.triggers: dict[int, int] = {}
+        self.predictions: dict[int, np.ndarray] = {}
+        self.roi_predicted: dict[int, np.ndarray] = {}
+        self.roi_measured: dict[int, np.ndarray] = {}
+        self._pending_volumes: dict[int, np.ndarray] = {}
+        self._scored: set[int] = set()
+        self.roi_scores = _Running(len(self.rois))
+        self.voxel_scores = _Running(weights.n_voxels)
+        self.errors: Counter[str] = Counter()
+        self.first_error: dict[str, str] = {}
+
+    # --- inputs -----------------------------------------------------------------------------
+    def reject(self, err: InputError) -> None:
+        """Count a rejected input; log the first of each kind (callers keep going)."""
+        self.errors[err.kind] += 1
+        if err.kind not in self.first_error:
+            self.first_error[err.kind] = str(err)
+            log.error("encoding: rejected %s: %s", err.kind, err)
+
+    def on_trigger(self, tr_index: int, t_ns: int) -> None:
+        if tr_index < 0:
+            raise InputError("bad_trigger", f"trigger with negative TR index {tr_index}")
+        self.triggers[tr_index] = t_ns
+        for a in self.aligners:
+            a.add_trigger(tr_index, t_ns)
+
+    def on_activation(self, act: Activation) -> None:
+        """Route one decision's vector to the feature space it belongs to (raises InputError)."""
+        if self.agent_id and act.agent_id != self.agent_id:
+            raise InputError("other_agent", f"activation from agent {act.agent_id!r}; this core follows "
+                                             f"{self.agent_id!r}")
+        vectors = np.asarray(act.vectors)
+        if vectors.ndim != 2 or vectors.shape[0] != len(act.layers):
+            raise InputError("bad_activation", f"vectors of shape {vectors.shape} for layers {act.layers} "
+                                               "(expected (len(layers), dim))")
+        problems = []
+        for space, aligner in zip(self.weights.spaces, self.aligners):
+            try:
+                row = space.check_provenance(model=act.model, layer_list=list(act.layers), condition=act.condition,
+                                             pooling=act.pooling)
+            except WeightsError as e:
+                problems.append(str(e))
+                continue
+            if row is None and vectors.shape[0] != 1:
+                problems.append(f"space {space.name!r} names no layer but the activation has {vectors.shape[0]}")
+                continue
+            vec = vectors[row or 0]
+            if vec.shape[0] != space.dim:
+                raise InputError("feature_mismatch", f"activation of dim {vec.shape[0]} from {act.model!r} "
+                                 f"layer {act.layers[row or 0]}, but weights space {space.name!r} was fitted on "
+                                 f"dim {space.dim}")
+            if not np.all(np.isfinite(vec)):
+                raise InputError("bad_activation", f"non-finite values in activation from {act.agent_id!r}")
+            if not self.agent_id:
+                self.agent_id = act.agent_id
+            aligner.add(vec, act.frame_t_ns)
+            return
+        raise InputError("feature_mismatch", f"activation from agent {act.agent_id!r} matches no feature space "
+                                             "of the weights: " + " | ".join(problems))
+
+    def on_volume(self, tr_index: int, data: np.ndarray) -> list[Prediction]:
+        """A measured volume; returns a Prediction update if its prediction already exists."""
+        data = np.asarray(data)
+        if data.shape != self.weights.mask.shape:
+            raise InputError("wrong_shape", f"BOLD volume {tr_index} has shape {data.shape}, the weights were "
+                                            f"fitted on grid {self.weights.mask.shape}")
+        masked = data[self.weights.mask].astype(np.float32)
+        if not np.all(np.isfinite(masked)):
+            raise InputError("bad_volume", f"BOLD volume {tr_index} has non-finite values in the mask")
+        self.roi_measured[tr_index] = (masked @ self._pool).astype(np.float64)
+        if tr_index in self.predictions:
+            return [self._score(tr_index, masked)]
+        self._pending_volumes[tr_index] = masked
+        while len(self._pending_volumes) > self.cfg.max_pending_volumes:
+            self._pending_volumes.pop(min(self._pending_volumes))
+        return []
+
+    # --- TR closing -------------------------------------------------------------------------
+    def close_through(self, t_last: int) -> list[Prediction]:
+        """Close TRs up to ``t_last``: build rows, predict, publish (and score if measured)."""
+        out = []
+        for t in range(self.predictor.t + 1, t_last + 1):
+            rows = [a.close(t) for a in self.aligners]
+            self.predictions[t] = np.asarray(self.predictor.push(rows), dtype=np.float32)
+            self.roi_predicted[t] = self.predictor.last_pooled.astype(np.float64)
+            masked = self._pending_volumes.pop(t, None)
+            out.append(self._score(t, masked) if masked is not None else self._message(t))
+        return out
+
+    def tick(self, now_ns: int) -> list[Prediction]:
+        """Close every TR whose next trigger is at least ``grace_s`` old."""
+        grace = int(self.cfg.grace_s * 1e9)
+        t = self.predictor.t + 1
+        while t + 1 in self.triggers and now_ns - self.triggers[t + 1] >= grace:
+            t += 1
+        return self.close_through(t - 1)
+
+    def run_complete(self, n_trs: int, now_ns: int) -> bool:
+        """True once TRs 0..n_trs-1 all have a measured volume and TR n_trs-1 ended ``grace_s`` ago."""
+        last = self.triggers.get(n_trs - 1)
+        return (last is not None and all(t in self.roi_measured for t in range(n_trs))
+                and now_ns - last >= self.tr_ns + int(self.cfg.grace_s * 1e9))
+
+    def finish(self) -> list[Prediction]:
+        """End of run: close every TR that had a trigger."""
+        return self.close_through(max(self.triggers, default=-1))
+
+    # --- outputs ----------------------------------------------------------------------------
+    def _score(self, t: int, masked: np.ndarray) -> Prediction:
+        if t not in self._scored:
+            self._scored.add(t)
+            self.roi_scores.add(self.roi_predicted[t], self.roi_measured[t])
+            self.voxel_scores.add(self.predictions[t], masked)
+        return self._message(t)
+
+    def _message(self, t: int) -> Prediction:
+        conditions = "+".join(s.condition or s.name for s in self.weights.spaces)
+        return Prediction(
+            agent_id=self.agent_id, condition=conditions, tr_index=t, t_ns=time.monotonic_ns(),
+            roi_names=self.roi_names, roi_predicted=[float(x) for x in self.roi_predicted[t]],
+            roi_measured=[float(x) for x in self.roi_measured[t]] if t in self.roi_measured else [],
+            roi_scores=[_finite(x) for x in self.roi_scores.r()],
+            voxels=self.predictions[t] if self.cfg.send_voxels else None,
+        )
+
+    def predicted_array(self) -> np.ndarray:
+        """(n_trs, n_voxels) predictions of TRs 0..last closed."""
+        return np.stack([self.predictions[t] for t in range(self.predictor.t + 1)]) if self.predictions else \
+            np.zeros((0, self.weights.n_voxels), dtype=np.float32)
+
+    def scores_rows(self) -> list[dict]:
+        """Per ROI: running r of ROI means, mean of the per-voxel running r, voxel and TR counts."""
+        voxel_r = self.voxel_scores.r()
+        roi_r = self.roi_scores.r()
+        return [{"roi": name, "n_voxels": len(idx), "n_trs": self.roi_scores.n, "r_roi_mean": _finite(roi_r[i]),
+                 "mean_voxel_r": _finite(np.nanmean(voxel_r[idx])) if self.voxel_scores.n >= 2 else float("nan")}
+                for i, (name, idx) in enumerate(self.rois)]
+
+    def write_outputs(self, out_dir: str | Path, stem: str = "encoding") -> tuple[Path, Path]:
+        """Write ``<stem>_pred.nii.gz`` (4D, zeros outside the mask) and ``<stem>_scores.tsv``."""
+        import nibabel as nib
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        vol = self.weights.to_volume(self.predicted_array())
+        img = nib.Nifti1Image(vol, self.weights.affine)
+        img.header.set_xyzt_units("mm", "sec")
+        img.header["pixdim"][4] = self.weights.tr
+        nii = out_dir / f"{stem}_pred.nii.gz"
+        nib.save(img, nii)
+        tsv = out_dir / f"{stem}_scores.tsv"
+        rows = self.scores_rows()
+        cols = list(rows[0])
+        tsv.write_text("\t".join(cols) + "\n" + "".join(
+            "\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + "\n" for r in rows))
+        return nii, tsv
+
+
+def _finite(x) -> float:
+    x = float(x)
+    return x if np.isfinite(x) else float("nan")
+
+
+# --- the ZMQ layer ----------------------------------------------------------------------------
+
+
+@dataclass
+class EncodingServiceConfig:
+    """Sockets and run control of the encoding service."""
+
+    weights: str
+    """Weights file written by `neuroarcade fit`."""
+    activations: list[str] = field(default_factory=list)
+    """Agent PUB endpoints to subscribe to (Activation)."""
+    bold: list[str] = field(default_factory=list)
+    """Scanner PUB endpoints (BoldVolume and/or Trigger)."""
+    predictions: str = ""
+    """PUB endpoint to bind for Prediction messages ('' = do not publish)."""
+    out_dir: str = ""
+    """Where to write the predicted 4D NIfTI and the scores TSV at the end ('' = nowhere)."""
+    n_trs: int | None = None
+    """Stop once this many TRs are predicted and scored (None = run until stopped)."""
+    idle_timeout_s: float | None = None
+    """Stop after this long without any message (None = never)."""
+    core: CoreConfig = field(default_factory=CoreConfig)
+
+
+@dataclass
+class EncodingServiceReport:
+    """What a finished service run did (returned and logged)."""
+
+    trs_predicted: int
+    trs_scored: int
+    errors: dict[str, int]
+    first_errors: dict[str, str]
+    scores: list[dict]
+    outputs: list[str]
+    received: int
+    rejected_messages: int
+    alignment: dict[str, dict[str, int]]
+    """Per feature space: decisions, before_scan, late, empty_trs (encoders.align.AlignCounts)."""
+
+
+def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | None = None, ctx=None,
+                         ready: threading.Event | None = None) -> EncodingServiceReport:
+    """Run until ``stop`` / ``n_trs`` / idle timeout; the weights are loaded before any socket opens."""
+    import zmq
+
+    from protocols import Decoder
+    from services.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_PREDICTION, TOPIC_TRIGGER, Channel,
+                                    make_socket, split_topic)
+
+    stop = stop or threading.Event()
+    core = EncodingCore(EncodingWeights.load(cfg.weights), cfg.core)
+    ctx = ctx or zmq.Context.instance()
+    sub = make_socket(ctx, zmq.SUB, hwm=10_000)
+    for topic in (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_TRIGGER):
+        sub.setsockopt(zmq.SUBSCRIBE, topic)
+    for ep in [*cfg.activations, *cfg.bold]:
+        sub.connect(ep)
+    inbox = Channel(sub, Decoder(accept=[Activation, BoldVolume, Trigger]))
+    pub = None
+    if cfg.predictions:
+        pub = Channel(make_socket(ctx, zmq.PUB))
+        pub.sock.bind(cfg.predictions)
+    if ready is not None:
+        ready.set()
+
+    def publish(msgs: list[Prediction]) -> None:
+        if pub is not None:
+            for m in msgs:
+                pub.send(m, topic=TOPIC_PREDICTION)
+
+    last_msg = time.monotonic()
+    try:
+        while not stop.is_set():
+            if cfg.n_trs is not None and core.run_complete(cfg.n_trs, time.monotonic_ns()):
+                break
+            if cfg.idle_timeout_s is not None and time.monotonic() - last_msg > cfg.idle_timeout_s:
+                break
+            if sub.poll(50, zmq.POLLIN):
+                last_msg = time.monotonic()
+                _, parts = split_topic(inbox.recv_parts())
+                msg = inbox.decode(parts)  # None = malformed: counted by the channel, logged at debug
+                try:
+                    if isinstance(msg, Activation):
+                        core.on_activation(msg)
+                    elif isinstance(msg, Trigger):
+                        core.on_trigger(msg.tr_index, msg.t_ns)
+                    elif isinstance(msg, BoldVolume):
+                        publish(core.on_volume(msg.tr_index, msg.data))
+                except InputError as err:
+                    core.reject(err)
+            publish(core.tick(time.monotonic_ns()))
+        publish(core.finish())
+    finally:
+        sub.close()
+        if pub is not None:
+            pub.sock.close()
+    outputs = [str(p) for p in core.write_outputs(cfg.out_dir)] if cfg.out_dir else []
+    if inbox.counters.rejected:
+        log.error("encoding: %d malformed messages rejected: %s", inbox.counters.rejected,
+                  inbox.counters.rejected_by_code)
+    return EncodingServiceReport(
+        trs_predicted=len(core.predictions), trs_scored=core.roi_scores.n, errors=dict(core.errors),
+        first_errors=dict(core.first_error), scores=core.scores_rows(), outputs=outputs,
+        received=inbox.counters.received, rejected_messages=inbox.counters.rejected,
+        alignment={s.name: dict(a.counts.__dict__) for s, a in zip(core.weights.spaces, core.aligners)},
+    )

@@ -1,0 +1,456 @@
+"""BOLD sources behind one stream API, and their ZMQ publisher.
+
+Every source is an iterator of ``ScanVolume`` (run, TR index, acquisition time, 3D data, affine)
+and keeps a list of ``StreamEvent`` reports (partial file, late, missing, out-of-order …):
+
+* ``RecordedSource``: a BIDS run (4D NIfTI) replayed at TR pace from a chosen start time, or
+  as fast as possible. Volume k is released at the END of TR k, when a scanner would have it.
+* ``FolderSource`` (live): watches a scanner export folder with watchdog; reads DICOM (Siemens
+  mosaics via pydicom + nibabel.nicom) and NIfTI volumes, each file only once complete: its
+  size has been stable for ``settle_s`` AND it parses. A file that stays unreadable is reported
+  as partial and skipped; gaps, late and out-of-order volumes are reported; the stream goes on.
+* ``SimulatedScanner``: writes the volumes of a 4D NIfTI into a folder at TR pace (what a
+  scanner's export does) and publishes a Trigger at the start of every TR.
+
+``publish_stream`` sends each volume as ``protocols.BoldVolume`` on a PUB socket (topic
+``TOPIC_BOLD``); triggers go out as ``protocols.Trigger`` (``TOPIC_TRIGGER``). Publishers are
+XPUB sockets that can wait for their subscribers first (no slow-joiner losses, no sleeps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zmq
+
+from protocols import BoldVolume, Trigger
+from services.transport import TOPIC_BOLD, TOPIC_TRIGGER, Channel, make_socket
+
+log = logging.getLogger("neuroarcade.scanner")
+
+VOLUME_SUFFIXES = (".dcm", ".ima", ".nii", ".nii.gz")
+
+
+@dataclass
+class ScanVolume:
+    """One volume as every source yields it."""
+
+    run: str
+    tr_index: int
+    acq_time_s: float
+    """Acquisition time from the run start, seconds."""
+    data: np.ndarray
+    """3D (x, y, z) array."""
+    affine: np.ndarray
+    source: str
+    """File it came from, or 'recorded'."""
+
+
+@dataclass
+class StreamEvent:
+    """Something wrong with the stream that was reported and stepped over."""
+
+    kind: str
+    """partial | unreadable | duplicate | out_of_order | late | missing | wrong_shape | unknown_index"""
+    tr_index: int | None
+    path: str
+    detail: str
+
+
+class VolumeReadError(Exception):
+    """A volume file that cannot be read (yet): partial, truncated or not a volume."""
+
+
+# --- reading one volume file -------------------------------------------------------------
+
+
+def read_volume_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None, float | None]:
+    """Read one volume file → (3D data, affine, TR index or None, acquisition time s or None).
+
+    DICOM: a Siemens mosaic (one file per volume); index = InstanceNumber − 1, time =
+    AcquisitionTime. NIfTI: a 3D image (or 4D with one volume); index = the last number in the
+    file name. Raises VolumeReadError for a partial/truncated/unsupported file.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj)
+            if data.ndim == 4 and data.shape[3] == 1:
+                data = data[..., 0]
+            if data.ndim != 3:
+                raise VolumeReadError(f"{path.name}: NIfTI of shape {data.shape} is not one 3D volume")
+            numbers = re.findall(r"\d+", name.split(".")[0])
+            return data, img.affine, (int(numbers[-1]) if numbers else None), None
+        import warnings
+
+        import pydicom
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nicom warns that its readers are "experimental"
+            from nibabel.nicom import dicomwrappers
+
+            ds = pydicom.dcmread(str(path))
+            wrapper = dicomwrappers.wrapper_from_data(ds)
+            if not wrapper.is_mosaic and len(getattr(wrapper, "image_shape", ()) or ()) < 3:
+                raise VolumeReadError(f"{path.name}: single-slice DICOM (only mosaic / multi-frame volumes "
+                                      "are streamed)")
+            data = wrapper.get_data()
+        index = int(ds.InstanceNumber) - 1 if "InstanceNumber" in ds else None
+        return np.asarray(data), np.asarray(wrapper.affine), index, _dicom_seconds(ds.get("AcquisitionTime"))
+    except VolumeReadError:
+        raise
+    except Exception as e:  # nibabel/pydicom raise many types for short or damaged files
+        raise VolumeReadError(f"{path.name}: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _dicom_seconds(tm) -> float | None:
+    """DICOM TM 'HHMMSS.ffffff' → seconds since midnight."""
+    if not tm:
+        return None
+    tm = str(tm)
+    try:
+        return int(tm[0:2]) * 3600 + int(tm[2:4]) * 60 + float(tm[4:] or 0)
+    except ValueError:
+        return None
+
+
+# --- sequence bookkeeping shared by the live source -------------------------------------------
+
+
+@dataclass
+class SequenceTracker:
+    """Detects duplicate, out-of-order, late and missing TR indices in arrival order."""
+
+    missing_after_s: float
+    """A gap is declared missing when a later volume arrived this long ago and it still has not."""
+    events: list[StreamEvent] = field(default_factory=list)
+    received: set[int] = field(default_factory=set)
+    gaps: dict[int, float] = field(default_factory=dict)
+    """Index → monotonic time when the gap was noticed."""
+    missing: set[int] = field(default_factory=set)
+    highest: int = -1
+
+    def accept(self, index: int, path: str, now: float) -> bool:
+        """Record an arrival; False = duplicate (drop it)."""
+        if index in self.received:
+            self._report("duplicate", index, path, "volume already received; ignored")
+            return False
+        self.received.add(index)
+        if index in self.missing:
+            self.missing.discard(index)
+            self._report("late", index, path, "arrived after being declared missing; delivered anyway")
+        elif index < self.highest:
+            self.gaps.pop(index, None)
+            self._report("out_of_order", index, path, f"arrived after volume {self.highest}")
+        for gap in range(self.highest + 1, index):
+            if gap not in self.received:
+                self.gaps.setdefault(gap, now)
+        self.highest = max(self.highest, index)
+        return True
+
+    def check(self, now: float, final: bool = False) -> None:
+        """Declare gaps missing once they have waited ``missing_after_s`` (all of them if final)."""
+        for gap, since in sorted(self.gaps.items()):
+            if final or now - since >= self.missing_after_s:
+                del self.gaps[gap]
+                self.missing.add(gap)
+                self._report("missing", gap, "", f"not received {self.missing_after_s:.1f} s after a later volume")
+
+    def _report(self, kind: str, index: int | None, path: str, detail: str) -> None:
+        self.events.append(StreamEvent(kind, index, path, detail))
+        log.warning("scanner %s: TR %s %s %s", kind, index, path, detail)
+
+
+# --- sources ----------------------------------------------------------------------------------
+
+
+class RecordedSource:
+    """Replay a 4D NIfTI run volume by volume at TR pace (``speed`` > 0) or as fast as possible (0)."""
+
+    def __init__(self, path: str | Path, *, tr: float | None = None, start_s: float = 0.0, speed: float = 1.0,
+                 run: str | None = None, stop: threading.Event | None = None):
+        import nibabel as nib
+
+        self.path = Path(path)
+        self.img = nib.load(str(self.path))
+        if len(self.img.shape) != 4:
+            raise ValueError(f"{self.path} is not a 4D run (shape {self.img.shape})")
+        self.tr = float(tr or self.img.header.get_zooms()[3] or 2.0)
+        self.start_index = int(start_s // self.tr)
+        self.speed = speed
+        self.run = run or self.path.name.split("_bold")[0]
+        self.stop = stop or threading.Event()
+        self.events: list[StreamEvent] = []
+
+    def __iter__(self) -> Iterator[ScanVolume]:
+        t0 = time.monotonic()
+        proxy = self.img.dataobj
+        for k in range(self.start_index, self.img.shape[3]):
+            if self.speed > 0:
+                release = t0 + (k - self.start_index + 1) * self.tr / self.speed
+                if self.stop.wait(max(0.0, release - time.monotonic())):
+                    return
+            elif self.stop.is_set():
+                return
+            yield ScanVolume(self.run, k, k * self.tr, np.asarray(proxy[..., k]), self.img.affine, "recorded")
+
+
+class _Handler:
+    """watchdog handler: every created/modified/moved-in path goes to a queue."""
+
+    def __init__(self, q: "queue.Queue[str]"):
+        from watchdog.events import FileSystemEventHandler
+
+        class H(FileSystemEventHandler):
+            def on_any_event(self, event):
+                if event.is_directory:
+                    return
+                q.put(getattr(event, "dest_path", "") or event.src_path)
+
+        self.handler = H()
+
+
+class FolderSource:
+    """Live: volumes appearing in a scanner export folder, each read once complete."""
+
+    def __init__(self, folder: str | Path, *, tr: float = 2.0, run: str = "live", settle_s: float = 0.1,
+                 partial_timeout_s: float | None = None, missing_after_s: float | None = None,
+                 expected_shape: tuple[int, ...] | None = None, n_volumes: int | None = None,
+                 idle_timeout_s: float | None = None, stop: threading.Event | None = None):
+        """
+        settle_s: a file's size must be unchanged this long before it is parsed.
+        partial_timeout_s: a file still unreadable this long after its last change is reported
+            partial and skipped (default 2 TR).
+        missing_after_s: a gap becomes "missing" this long after a later volume arrived (default 1.5 TR).
+        expected_shape: volumes of another shape are reported and skipped (default: the first's).
+        n_volumes: stop after this many TR indices were delivered or declared missing.
+        idle_timeout_s: stop when no new file event for this long (None = run until ``stop``).
+        """
+        self.folder = Path(folder)
+        self.tr = tr
+        self.run = run
+        self.settle_s = settle_s
+        self.partial_timeout_s = 2 * tr if partial_timeout_s is None else partial_timeout_s
+        self.tracker = SequenceTracker(1.5 * tr if missing_after_s is None else missing_after_s)
+        self.expected_shape = expected_shape
+        self.n_volumes = n_volumes
+        self.idle_timeout_s = idle_timeout_s
+        self.stop = stop or threading.Event()
+        self.done_paths: set[str] = set()
+        self._t0_acq: float | None = None
+
+    @property
+    def events(self) -> list[StreamEvent]:
+        return self.tracker.events
+
+    def _finished(self) -> bool:
+        if self.n_volumes is None:
+            return False
+        return len(self.tracker.received | self.tracker.missing) >= self.n_volumes
+
+    def __iter__(self) -> Iterator[ScanVolume]:
+        from watchdog.observers import Observer
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        paths: "queue.Queue[str]" = queue.Queue()
+        observer = Observer()
+        observer.schedule(_Handler(paths).handler, str(self.folder), recursive=False)
+        observer.start()
+        # files already there (the scan may have started before us) — after the observer, so none is missed
+        for p in sorted(self.folder.iterdir()):
+            paths.put(str(p))
+        pending: dict[str, tuple[int, float, float]] = {}  # path → (size, size-changed-at, first-seen)
+        last_event = time.monotonic()
+        try:
+            while not self.stop.is_set() and not self._finished():
+                try:
+                    new = [paths.get(timeout=min(self.settle_s, 0.05))]
+                    while not paths.empty():
+                        new.append(paths.get_nowait())
+                except queue.Empty:
+                    new = []
+                for p in new:
+                    if p not in self.done_paths and p.lower().endswith(VOLUME_SUFFIXES):
+                        pending.setdefault(p, (-1, time.monotonic(), time.monotonic()))
+                        last_event = time.monotonic()
+                now = time.monotonic()
+                for p in sorted(pending):
+                    vol = self._try_read(p, pending, now)
+                    if vol is not None:
+                        yield vol
+                self.tracker.check(now)
+                if self.idle_timeout_s is not None and not pending and now - last_event > self.idle_timeout_s:
+                    break
+        finally:
+            observer.stop()
+            observer.join(timeout=5)
+            self.tracker.check(time.monotonic(), final=self.n_volumes is None or self._finished())
+
+    def _try_read(self, p: str, pending: dict, now: float) -> ScanVolume | None:
+        size0, changed_at, _ = pending[p]
+        try:
+            size = os.path.getsize(p)
+        except OSError:
+            del pending[p]  # vanished (e.g. a temporary file renamed away)
+            return None
+        if size != size0:
+            pending[p] = (size, now, pending[p][2])
+            return None
+        if now - changed_at < self.settle_s:
+            return None
+        try:
+            data, affine, index, acq = read_volume_file(p)
+        except VolumeReadError as e:
+            if now - changed_at >= self.partial_timeout_s:
+                del pending[p]
+                self.done_paths.add(p)
+                self.tracker._report("partial", None, p, f"unreadable {self.partial_timeout_s:.1f} s after its "
+                                     f"last change, skipped: {e}")
+            return None
+        del pending[p]
+        self.done_paths.add(p)
+        if index is None:
+            self.tracker._report("unknown_index", None, p, "no TR index in the file (InstanceNumber / file name)")
+            return None
+        if self.expected_shape is None:
+            self.expected_shape = data.shape
+        elif tuple(data.shape) != tuple(self.expected_shape):
+            self.tracker._report("wrong_shape", index, p, f"shape {data.shape}, stream has {self.expected_shape}")
+            return None
+        if not self.tracker.accept(index, p, now):
+            return None
+        if acq is not None:  # DICOM: relative to the first volume received
+            self._t0_acq = acq if self._t0_acq is None else self._t0_acq
+            acq_s = acq - self._t0_acq
+        else:
+            acq_s = index * self.tr
+        return ScanVolume(self.run, index, float(acq_s), data, affine, p)
+
+
+# --- simulated scanner ------------------------------------------------------------------------
+
+
+class TriggerPublisher:
+    """XPUB socket publishing typed messages; ``wait_for_subscribers`` avoids slow-joiner losses."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str):
+        self.sock = make_socket(ctx, zmq.XPUB)
+        self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # pass on every subscriber's subscription, not only the first
+        self.sock.bind(endpoint)
+        self.channel = Channel(self.sock)
+        self.subscriptions: list[bytes] = []
+
+    def wait_for_subscribers(self, n: int, timeout_s: float, topic: bytes = b"") -> bool:
+        """Wait until ``n`` subscriptions that receive ``topic`` arrived (False on timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while sum(topic.startswith(s) for s in self.subscriptions) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000), zmq.POLLIN):
+                return False
+            msg = self.sock.recv()
+            if msg[:1] == b"\x01":
+                self.subscriptions.append(msg[1:])
+        return True
+
+    def send(self, msg, topic: bytes) -> None:
+        self.channel.send(msg, topic=topic)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class SimulatedScannerConfig:
+    """A scanner simulator writing one run into an export folder."""
+
+    bold: str
+    """4D NIfTI whose volumes are written one by one."""
+    folder: str
+    """Export folder the volumes are written into (what a live FolderSource watches)."""
+    tr: float | None = None
+    """Seconds per volume (default: the NIfTI's pixdim[4])."""
+    speed: float = 1.0
+    """Time compression: 2.0 runs twice as fast as real time."""
+    n_volumes: int | None = None
+    """Write only the first n volumes."""
+    trigger_endpoint: str | None = None
+    """Publish a Trigger at the start of each TR here (XPUB bind)."""
+    wait_subscribers: int = 0
+    """Wait for this many trigger subscribers before starting (0 = start at once)."""
+    skip: tuple[int, ...] = ()
+    """TR indices never written (to exercise missing-volume handling)."""
+
+
+def run_simulated_scanner(cfg: SimulatedScannerConfig, ctx: zmq.Context | None = None,
+                          stop: threading.Event | None = None) -> list[Path]:
+    """Write the run into ``cfg.folder`` at TR pace: trigger at TR start, volume file at TR end."""
+    import nibabel as nib
+
+    stop = stop or threading.Event()
+    img = nib.load(cfg.bold)
+    tr = float(cfg.tr or img.header.get_zooms()[3] or 2.0) / cfg.speed
+    n = img.shape[3] if cfg.n_volumes is None else min(cfg.n_volumes, img.shape[3])
+    folder = Path(cfg.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pub = TriggerPublisher(ctx or zmq.Context.instance(), cfg.trigger_endpoint) if cfg.trigger_endpoint else None
+    written = []
+    try:
+        if pub is not None and cfg.wait_subscribers:
+            if not pub.wait_for_subscribers(cfg.wait_subscribers, timeout_s=10.0, topic=TOPIC_TRIGGER):
+                log.warning("simulated scanner: starting without all %d subscribers", cfg.wait_subscribers)
+        t0 = time.monotonic()
+        for k in range(n):
+            if stop.wait(max(0.0, t0 + k * tr - time.monotonic())):
+                break
+            if pub is not None:
+                pub.send(Trigger(tr_index=k, t_ns=time.monotonic_ns(), source="simulated"), TOPIC_TRIGGER)
+            if stop.wait(max(0.0, t0 + (k + 1) * tr - time.monotonic())):
+                break
+            if k in cfg.skip:
+                continue
+            vol = nib.Nifti1Image(np.asarray(img.dataobj[..., k]), img.affine)
+            path = folder / f"vol_{k:05d}.nii"
+            nib.save(vol, path)  # written in place, like a scanner export: readers must check completeness
+            written.append(path)
+    finally:
+        if pub is not None:
+            pub.close()
+    return written
+
+
+# --- publishing -------------------------------------------------------------------------------
+
+
+def to_message(vol: ScanVolume) -> BoldVolume:
+    return BoldVolume(run=vol.run, tr_index=vol.tr_index, acq_time_s=vol.acq_time_s, t_ns=time.monotonic_ns(),
+                      affine=[float(x) for x in np.asarray(vol.affine, dtype=np.float64).ravel()],
+                      data=np.ascontiguousarray(vol.data), source=vol.source)
+
+
+def publish_stream(source, endpoint: str, ctx: zmq.Context | None = None, wait_subscribers: int = 0,
+                   wait_timeout_s: float = 10.0) -> int:
+    """Publish every volume of ``source`` as BoldVolume on ``endpoint`` (XPUB bind); return the count."""
+    pub = TriggerPublisher(ctx or zmq.Context.instance(), endpoint)
+    sent = 0
+    try:
+        if wait_subscribers and not pub.wait_for_subscribers(wait_subscribers, wait_timeout_s, topic=TOPIC_BOLD):
+            log.warning("scanner: publishing without all %d subscribers", wait_subscribers)
+        for vol in source:
+            pub.send(to_message(vol), TOPIC_BOLD)
+            sent += 1
+    finally:
+        pub.close()
+    return sent
