@@ -88,7 +88,7 @@ class EmulatorConfig:
     max_steps: int | None = None
     """Stop after this many steps (None = no limit)."""
     duration_s: float | None = None
-    """Stop after this many seconds (None = no limit)."""
+    """Stop after this many seconds from the first frame (None = no limit)."""
     max_episodes: int | None = None
     """Stop after this many finished episodes."""
     heartbeat_s: float = 1.0
@@ -211,6 +211,7 @@ class Emulator:
         reason = "stopped"
         try:
             self._wait_for_clients(cfg.wait_for_clients, cfg.wait_for_clients_s)
+            self.t_start = time.monotonic_ns()  # durations count from the first frame
             if cfg.mode == "lockstep" and not self._wait_for_controller():
                 reason = "no controller"
             else:

@@ -61,6 +61,9 @@ class CoreConfig:
     """Where the per-TR matrix product runs: "cpu" (numpy) or a torch device ("cuda")."""
     max_pending_volumes: int = 64
     """Measured volumes kept while waiting for their prediction (older ones are dropped)."""
+    ignore_sibling_streams: bool = False
+    """Count (not reject) activations of the weights' model under another prompt condition or pooling:
+    set it when the followed agent publishes several conditions/poolings on one socket."""
 
 
 class _Running:
@@ -122,6 +125,8 @@ class EncodingCore:
         self.voxel_scores = _Running(weights.n_voxels)
         self.errors: Counter[str] = Counter()
         self.first_error: dict[str, str] = {}
+        self.ignored = 0
+        """Activations of the same model under another prompt condition or pooling (not for these weights)."""
 
     # --- inputs -----------------------------------------------------------------------------
     def reject(self, err: InputError) -> None:
@@ -147,6 +152,13 @@ class EncodingCore:
         if vectors.ndim != 2 or vectors.shape[0] != len(act.layers):
             raise InputError("bad_activation", f"vectors of shape {vectors.shape} for layers {act.layers} "
                                                "(expected (len(layers), dim))")
+        spaces = self.weights.spaces
+        if self.cfg.ignore_sibling_streams and all(not sp.model or sp.model == act.model for sp in spaces) and all(
+                (sp.condition and sp.condition != act.condition) or (sp.pooling and sp.pooling != act.pooling)
+                for sp in spaces):
+            # the same model's other prompt condition or pooling (agents publish all of theirs): not an error
+            self.ignored += 1
+            return
         problems = []
         for space, aligner in zip(self.weights.spaces, self.aligners):
             try:
@@ -292,11 +304,19 @@ class EncodingServiceConfig:
     """PUB endpoint to bind for Prediction messages ('' = do not publish)."""
     out_dir: str = ""
     """Where to write the predicted 4D NIfTI and the scores TSV at the end ('' = nowhere)."""
+    out_stem: str = "encoding"
+    """File stem of those outputs (``<stem>_pred.nii.gz``, ``<stem>_scores.tsv``)."""
     n_trs: int | None = None
     """Stop once this many TRs are predicted and scored (None = run until stopped)."""
     idle_timeout_s: float | None = None
     """Stop after this long without any message (None = never)."""
     core: CoreConfig = field(default_factory=CoreConfig)
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (None = off; 0 = any free port)."""
+    status_s: float = 1.0
+    """Publish a Status (topic ``heartbeat``) on the prediction PUB this often."""
+    keep_stamps: int = 0
+    """Keep receipt time stamps of the last N activations and volumes, for ``bench e2e`` (0 = none)."""
 
 
 @dataclass
@@ -313,6 +333,8 @@ class EncodingServiceReport:
     rejected_messages: int
     alignment: dict[str, dict[str, int]]
     """Per feature space: decisions, before_scan, late, empty_trs (encoders.align.AlignCounts)."""
+    stamps: list[tuple[str, str, int, int]] = field(default_factory=list)
+    """``(kind, agent_id, frame seq or TR index, receipt monotonic ns)`` of the last ``keep_stamps`` inputs."""
 
 
 def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | None = None, ctx=None,
@@ -321,8 +343,9 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
     import zmq
 
     from protocols import Decoder
-    from services.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_PREDICTION, TOPIC_TRIGGER, Channel,
-                                    make_socket, split_topic)
+    from protocols import Status
+    from services.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER,
+                                    Channel, make_socket, split_topic)
 
     stop = stop or threading.Event()
     core = EncodingCore(EncodingWeights.load(cfg.weights), cfg.core)
@@ -337,6 +360,30 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
     if cfg.predictions:
         pub = Channel(make_socket(ctx, zmq.PUB))
         pub.sock.bind(cfg.predictions)
+    from collections import deque
+
+    stamps: deque = deque(maxlen=cfg.keep_stamps)  # bounded: appending costs ~100 ns, nothing when 0
+    published = [0]
+
+    def snapshot() -> dict:
+        c = inbox.counters
+        a = [x.counts for x in core.aligners]
+        return {
+            "counters": {"messages_received": c.received, "messages_rejected": dict(c.rejected_by_code),
+                         "inputs_rejected": dict(core.errors), "predictions_published": published[0],
+                         "trs_predicted": len(core.predictions), "trs_scored": core.roi_scores.n,
+                         "triggers": len(core.triggers), "late_activations": sum(x.late for x in a)},
+            "gauges": {"tr_index": core.predictor.t, "pending_volumes": len(core._pending_volumes),
+                       "stamps_kept": len(stamps)},
+            "labels": {"messages_rejected": "code", "inputs_rejected": "kind"},
+        }
+
+    metrics_server = None
+    if cfg.metrics_port is not None:
+        from services.metrics import serve_metrics
+
+        metrics_server, _ = serve_metrics("encoder", snapshot, cfg.metrics_port)
+        cfg.metrics_port = metrics_server.server_port  # the port actually bound (0 = any)
     if ready is not None:
         ready.set()
 
@@ -344,10 +391,25 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
         if pub is not None:
             for m in msgs:
                 pub.send(m, topic=TOPIC_PREDICTION)
+                published[0] += 1
+
+    next_status = time.monotonic()
+
+    def publish_status() -> None:
+        c = inbox.counters
+        if pub is not None:
+            pub.send(Status(service="encoder", session_id="", t_ns=time.monotonic_ns(), seq=core.predictor.t,
+                            steps=len(core.predictions), received=c.received, sent=published[0],
+                            rejected=c.rejected + sum(core.errors.values()), rejected_by_code=dict(c.rejected_by_code),
+                            clients={core.agent_id: "followed"} if core.agent_id else {}, triggers=len(core.triggers)),
+                     topic=TOPIC_HEARTBEAT)
 
     last_msg = time.monotonic()
     try:
         while not stop.is_set():
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + cfg.status_s
+                publish_status()
             if cfg.n_trs is not None and core.run_complete(cfg.n_trs, time.monotonic_ns()):
                 break
             if cfg.idle_timeout_s is not None and time.monotonic() - last_msg > cfg.idle_timeout_s:
@@ -356,6 +418,12 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
                 last_msg = time.monotonic()
                 _, parts = split_topic(inbox.recv_parts())
                 msg = inbox.decode(parts)  # None = malformed: counted by the channel, logged at debug
+                if cfg.keep_stamps:
+                    if isinstance(msg, Activation):
+                        stamps.append(("activation", msg.agent_id, msg.frame_seqs[-1] if msg.frame_seqs else -1,
+                                       time.monotonic_ns()))
+                    elif isinstance(msg, BoldVolume):
+                        stamps.append(("bold", "", msg.tr_index, time.monotonic_ns()))
                 try:
                     if isinstance(msg, Activation):
                         core.on_activation(msg)
@@ -371,7 +439,9 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
         sub.close()
         if pub is not None:
             pub.sock.close()
-    outputs = [str(p) for p in core.write_outputs(cfg.out_dir)] if cfg.out_dir else []
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    outputs = [str(p) for p in core.write_outputs(cfg.out_dir, cfg.out_stem)] if cfg.out_dir else []
     if inbox.counters.rejected:
         log.error("encoding: %d malformed messages rejected: %s", inbox.counters.rejected,
                   inbox.counters.rejected_by_code)
@@ -380,4 +450,5 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
         first_errors=dict(core.first_error), scores=core.scores_rows(), outputs=outputs,
         received=inbox.counters.received, rejected_messages=inbox.counters.rejected,
         alignment={s.name: dict(a.counts.__dict__) for s, a in zip(core.weights.spaces, core.aligners)},
+        stamps=list(stamps),
     )

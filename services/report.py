@@ -332,11 +332,15 @@ def brain_figures(data: RunData, run_dir: Path) -> list[tuple[str, str]]:
             if len(out) >= MAX_BRAIN_FIGURES:
                 break
             img = nib.squeeze_image(nib.load(path))
+            if 0 in img.shape:  # an empty output (a stream that predicted nothing): nothing to draw
+                continue
             out.append((f"{path.relative_to(run_dir)} (per-voxel values)", _brain_figure(img, path.name.split(".")[0])))
         for path in data.maps_4d:
             if len(out) >= MAX_BRAIN_FIGURES:
                 break
             img = nib.load(path)
+            if 0 in img.shape:
+                continue
             sd = np.asarray(img.dataobj, dtype=np.float32).std(axis=3)
             out.append((f"{path.relative_to(run_dir)}: temporal s.d. of the predicted BOLD over "
                         f"{img.shape[3]} TRs (z-units)",

@@ -454,3 +454,68 @@ def publish_stream(source, endpoint: str, ctx: zmq.Context | None = None, wait_s
     finally:
         pub.close()
     return sent
+
+
+# --- a recorded run paced by replayed triggers -------------------------------------------------
+
+
+def run_trigger_paced(bold: str | Path, trigger_endpoint: str, out_endpoint: str, *, stop: threading.Event,
+                      ready: threading.Event | None = None, run: str | None = None, n_volumes: int | None = None,
+                      ctx: zmq.Context | None = None) -> int:
+    """Publish volume k of a recorded 4D run when trigger k+1 arrives (the scan of TR k is complete).
+
+    For replays of a scanned session: the emulator re-emits the session's recorded triggers as it
+    replays the frames, so the participant's measured volumes reach the encoder in step with the
+    frames the agents see, exactly as in the scanner. The last volume goes out one TR after its
+    trigger. Triggers are forwarded on ``out_endpoint`` too, so the encoder needs one BOLD source.
+    Returns the number of volumes published.
+    """
+    import nibabel as nib
+
+    from protocols import Decoder
+    from services.transport import split_topic
+
+    img = nib.load(str(bold))
+    n = img.shape[3] if n_volumes is None else min(n_volumes, img.shape[3])
+    tr = float(img.header.get_zooms()[3] or 2.0)
+    run = run or Path(bold).name.split("_bold")[0]
+    ctx = ctx or zmq.Context.instance()
+    sub = make_socket(ctx, zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, TOPIC_TRIGGER)
+    sub.connect(trigger_endpoint)
+    inbox = Channel(sub, Decoder(accept=[Trigger]))
+    pub = TriggerPublisher(ctx, out_endpoint)
+    if ready is not None:
+        ready.set()
+    sent, pending = 0, None  # pending: (tr_index, deadline) of the newest trigger's volume
+    proxy = img.dataobj
+
+    def publish(k: int) -> None:
+        nonlocal sent
+        if 0 <= k < n:
+            pub.send(to_message(ScanVolume(run, k, k * tr, np.asarray(proxy[..., k]), img.affine, "recorded")),
+                     TOPIC_BOLD)
+            sent += 1
+
+    try:
+        while not stop.is_set() and sent < n:
+            if pending is not None and time.monotonic() >= pending[1]:
+                publish(pending[0])
+                pending = None
+            if not sub.poll(50):
+                continue
+            _, parts = split_topic(inbox.recv_parts())
+            msg = inbox.decode(parts)
+            if not isinstance(msg, Trigger):
+                continue
+            pub.send(msg, TOPIC_TRIGGER)
+            if pending is not None:  # the next trigger closes the previous TR
+                publish(pending[0])
+            pending = (msg.tr_index, time.monotonic() + tr)
+        if pending is not None and not stop.is_set():
+            stop.wait(max(0.0, pending[1] - time.monotonic()))
+            publish(pending[0])
+    finally:
+        sub.close(0)
+        pub.close()
+    return sent

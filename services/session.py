@@ -1,0 +1,595 @@
+"""Participant sessions: make a synthetic one, replay one with model agents, score them.
+
+A *participant session* is a BIDS run (measured BOLD) plus the gameplay recording of what the
+participant saw (``sourcedata/gamelogs``, linked from ``_events.tsv``), plus pre-fit encoding
+weights per agent and prompt condition (``derivatives/weights/<agent>__<condition>.safetensors``).
+
+``replay_session`` replays such a run with N model agents watching the bit-identical frames:
+
+- at the recorded pace (live machinery, the default): the emulator replays the recording and
+  re-emits its scanner triggers; agents run in their own processes as observers; the measured
+  volumes go out as each TR completes (``scanner.run_trigger_paced``); one encoding service per
+  weights file predicts and scores each TR; the dashboard can watch it all;
+- as fast as possible (``batch``): each run is replayed offline through each agent (every frame
+  hash checked, ``services.batch.run_job``), features are aligned to TRs by the same rule, the
+  weights predict, and the prediction is scored against the measured BOLD.
+
+Either way the run folder gets ``<agent>__<condition>_scores.tsv`` (per ROI), predicted NIfTIs,
+the atlas, ``partition.tsv`` from the fit, ``latency.json`` and a ``report.html``.
+
+``make_participant`` builds the synthetic participant the demo and tests use: gameplay recorded
+headless, the tiny VLM's and the RL agent's activations extracted from it, BOLD planted on the
+VLM's action- and reasoning-prompt features with known per-ROI strengths (``PLANTED``),
+and weights fitted on all runs but the last, which is left for the replay.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing as mp
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from services.transport import free_tcp_endpoint
+
+# (agent id, kind, prompt conditions) of the default agents of a session
+DEFAULT_AGENTS = (("rl-0", "rl", ()), ("vlm-0", "vlm", ("action", "reasoning")))
+STEP_HZ = 15  # frames per second of the default games (60 Hz / frameskip 4)
+ROI_COHERENCE = 0.8
+"""Share of a voxel's planted weights (and noise) common to its ROI."""
+# Planted variance fractions per ROI of a synthetic participant: (action-prompt part, reasoning-prompt part),
+# well separated so that a replay can be checked against the ordering.
+PLANTED: dict[str, tuple[float, float]] = {
+    "visual": (0.35, 0.25), "motor_left": (0.35, 0.10), "parietal": (0.15, 0.15),
+    "prefrontal": (0.05, 0.15), "motor_right": (0.05, 0.05), "temporal": (0.01, 0.01),
+}
+PLANTED_BACKGROUND = (0.01, 0.01)
+
+
+@dataclass
+class ParticipantConfig:
+    """Size and truth of a synthetic participant whose BOLD is planted on agent features."""
+
+    game: str = "ALE/Pong-v5"
+    runs: int = 3
+    """Runs; the last one is held out (weights are fitted on the others) for the replay."""
+    trs: int = 60
+    """Volumes per run."""
+    tr: float = 2.0
+    voxel_mm: float = 10.0
+    """Voxel size of the coarse MNI brain grid (10 mm → ~2k voxels)."""
+    pca: int = 6
+    """Feature dimensions kept (PCA) for planting and for the fitted weights."""
+    stride: int = 10
+    """Agents decide on every N-th frame during extraction (1.5 decisions/s at 15 Hz)."""
+    model: str = ""
+    """VLM directory or hub name ('' = build the tiny Qwen2.5-VL inside the dataset)."""
+    noise: float = 1.0
+    """Scale of the unexplained part of the BOLD (1 = as encoders.synth)."""
+    seed: int = 0
+    subject: str = "01"
+
+
+@dataclass
+class Participant:
+    root: Path
+    runs: list[dict]
+    """Per run: bold (NIfTI path), gamelog (recording path), run (BIDS label)."""
+    weights: dict[str, Path]
+    """Stream key ``<agent>__<condition>`` (``policy`` for RL agents) → weights file."""
+    atlas: Path
+    atlas_labels: Path
+    model: str
+    partition: Path | None = None
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Participant":
+        root = Path(root)
+        desc = json.loads((root / "derivatives" / "neuroarcade_session.json").read_text())
+        return cls(root=root, runs=[{k: (root / v if k in ("bold", "gamelog") else v) for k, v in r.items()}
+                                    for r in desc["runs"]],
+                   weights={k: root / v for k, v in desc["weights"].items()}, atlas=root / desc["atlas"],
+                   atlas_labels=root / desc["atlas_labels"], model=desc["model"],
+                   partition=root / desc["partition"] if desc.get("partition") else None)
+
+
+# --- making a synthetic participant --------------------------------------------------------------
+
+
+def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable[[str], None] = print) -> Participant:
+    from encoders import synth
+    from encoders.fit import FitConfig, fit_encoding, partition_variance
+    from services.batch import AgentSpec, ExtractConfig, Job, run_job
+    from services.emulator import record_headless
+    from services.game import GameSettings
+
+    out = Path(out)
+    (out / "derivatives").mkdir(parents=True, exist_ok=True)
+    model = cfg.model
+    if not model:
+        from agents.tiny import build_tiny
+
+        progress("building the tiny Qwen2.5-VL")
+        model = str(build_tiny(out / "derivatives" / "models" / "tiny-vlm", "vlm"))
+
+    # 1. gameplay, recorded headless with scanner triggers every TR
+    gamelogs = []
+    steps = int(round(cfg.trs * cfg.tr * STEP_HZ))
+    tmp = out / "derivatives" / "tmp"
+    tmp.mkdir(exist_ok=True)
+    for r in range(1, cfg.runs + 1):
+        progress(f"recording run {r}/{cfg.runs} ({steps} steps of {cfg.game})")
+        path = tmp / f"run-{r}.narec"
+        path.unlink(missing_ok=True)
+        record_headless(GameSettings(game=cfg.game, seed=cfg.seed + r), steps, path, controller="random",
+                        controller_seed=cfg.seed + r, tr_s=cfg.tr,
+                        meta={"subject": cfg.subject, "run": str(r), "synthetic": "true"})
+        gamelogs.append(path)
+
+    # 2. the agents' per-TR features, exactly as the live path aligns them
+    specs = {"rl-0": AgentSpec(label="rl", kind="rl"),
+             "vlm-0": AgentSpec(label="vlm", kind="vlm", model=model, conditions=("action", "reasoning"),
+                                poolings=("last_token",))}
+    xcfg = ExtractConfig(stride=cfg.stride, tr=cfg.tr, seed=cfg.seed)
+    streams: dict[str, list[np.ndarray]] = {}
+    provenance: dict[str, dict] = {}
+    for agent_id, spec in specs.items():
+        for r, path in enumerate(gamelogs, start=1):
+            progress(f"extracting {agent_id} features, run {r}/{cfg.runs}")
+            res = run_job(Job(str(path), f"run-{r}", spec, xcfg))
+            for name, rows in res.features.items():
+                meta = res.meta[name]
+                if spec.kind == "vlm" and meta["layer"] != max(m["layer"] for m in res.meta.values()):
+                    continue  # the last layer stands for the model
+                key = stream_key(agent_id, meta["condition"])
+                streams.setdefault(key, []).append(rows[: cfg.trs])
+                provenance[key] = {k: meta[k] for k in ("model", "layer", "condition", "pooling")}
+
+    # 3. BOLD planted on the VLM's action- and reasoning-prompt features
+    progress("planting BOLD on the VLM features")
+    session = plant_bold(streams["vlm-0__action"], streams["vlm-0__reasoning"], cfg)
+
+    def place_gamelog(dest: Path, _seconds: float, run_seed: int) -> Path:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(gamelogs[run_seed - cfg.seed - 1]), dest)
+        return dest
+
+    paths = synth.write_bids(session, out, record=place_gamelog)
+    shutil.rmtree(tmp, ignore_errors=True)
+    truth_json = out / "derivatives" / "truth" / "truth.json"
+    truth = json.loads(truth_json.read_text())
+    truth["planted_roi_strengths"] = {k: {"action": a, "reasoning": b} for k, (a, b) in PLANTED.items()}
+    truth["planted_on"] = {"action": provenance["vlm-0__action"], "reasoning": provenance["vlm-0__reasoning"]}
+    truth_json.write_text(json.dumps(truth, indent=2))
+    featdir = out / "derivatives" / "features" / f"sub-{cfg.subject}" / "func"
+    for s in synth.SPACES:  # the planted spaces are the VLM's: give their files the real provenance
+        for f in paths[s]:
+            f.with_suffix(".json").write_text(json.dumps({"space": s, **provenance[f"vlm-0__{s}"],
+                                                          "dim": int(np.load(f).shape[1]), "tr": cfg.tr}, indent=2))
+    for key, runs in streams.items():
+        for r, rows in enumerate(runs, start=1):
+            f = featdir / f"sub-{cfg.subject}_task-{session.cfg.task}_run-{r}_desc-{key.replace('__', '')}_features.npy"
+            np.save(f, rows)
+            f.with_suffix(".json").write_text(json.dumps({"space": key, **provenance[key], "tr": cfg.tr}, indent=2))
+
+    # 4. weights per agent and condition, fitted on every run but the held-out last one
+    train = slice(0, cfg.runs - 1)
+    atlas_dir = out / "derivatives" / "atlas"
+    labels = session.atlas[session.mask].astype(np.int32)
+    wdir = out / "derivatives" / "weights"
+    wdir.mkdir(parents=True, exist_ok=True)
+    fcfg = FitConfig(pca=cfg.pca, progress=False)
+    weights = {}
+    for key, runs in streams.items():
+        progress(f"fitting weights {key}")
+        res = fit_encoding(session.bold[train], {key: runs[train]}, fcfg, mask=session.mask, affine=session.affine,
+                           tr=cfg.tr, provenance={key: provenance[key]}, roi_labels=labels,
+                           roi_names=session.roi_names, atlas=str(atlas_dir / "atlas.nii.gz"))
+        weights[key] = res.weights.save(wdir / f"{key}.safetensors")
+    progress("variance partitioning (action vs reasoning prompt)")
+    parts = partition_variance(session.bold[train], ("action", streams["vlm-0__action"][train]),
+                               ("reasoning", streams["vlm-0__reasoning"][train]), fcfg)
+    partition = wdir / "partition.tsv"
+    _write_partition(partition, parts, labels, session.roi_names, agent="vlm-0")
+
+    runs = [{"run": f"run-{r}", "bold": str(b.relative_to(out)),
+             "gamelog": str((out / "sourcedata" / "gamelogs").relative_to(out) /
+                            f"sub-{cfg.subject}_task-{session.cfg.task}_run-{r}_gameplay.narec")}
+            for r, b in enumerate(paths["bold"], start=1)]
+    desc = {"config": asdict(cfg), "model": model, "runs": runs, "held_out": runs[-1]["run"],
+            "weights": {k: str(v.relative_to(out)) for k, v in weights.items()},
+            "atlas": str((atlas_dir / "atlas.nii.gz").relative_to(out)),
+            "atlas_labels": str((atlas_dir / "atlas_labels.tsv").relative_to(out)),
+            "partition": str(partition.relative_to(out)),
+            "planted": "BOLD = action-prompt part + reasoning-prompt part (VLM last layer, last token, PCA) "
+                       "through a double-gamma HRF at the FIR delays",
+            "planted_roi_fractions": {k: {"action": a, "reasoning": b} for k, (a, b) in PLANTED.items()}}
+    (out / "derivatives" / "neuroarcade_session.json").write_text(json.dumps(desc, indent=2))
+    return Participant.load(out)
+
+
+def plant_bold(features_a: list[np.ndarray], features_b: list[np.ndarray], cfg: ParticipantConfig):
+    """A SynthSession whose BOLD is driven by two real feature spaces (A = action, B = reasoning).
+
+    Each space is z-scored per run and reduced to ``cfg.pca`` components; voxel weights follow the
+    HRF over the FIR delays; per ROI, parts A and B explain the fractions of ``PLANTED`` of the
+    variance (jittered per voxel); Gaussian noise fills the rest. The realised variances are saved
+    as the truth, since A and B correlate.
+    """
+    from encoders import synth
+    from encoders.weights import delay_run
+
+    rng = np.random.default_rng(cfg.seed)
+    scfg = synth.SynthConfig(n_runs=len(features_a), n_trs=cfg.trs, tr=cfg.tr, voxel_mm=cfg.voxel_mm,
+                             seed=cfg.seed, subject=cfg.subject, task=cfg.game.split("/")[-1].split("-")[0].lower(),
+                             model="planted on agent features", space_dim=features_a[0].shape[1])
+    mask, affine = synth.brain_grid(cfg.voxel_mm)
+    atlas, roi_names = synth.roi_atlas(mask, affine)
+    labels = atlas[mask]
+    n_vox = int(mask.sum())
+    planted = np.array([PLANTED_BACKGROUND] + [PLANTED[roi_names[k]] for k in sorted(roi_names)])[labels]
+    rho = planted * rng.uniform(0.8, 1.0, size=(n_vox, 1))
+    hrf = synth.double_gamma_hrf(np.asarray(scfg.delays, float) * cfg.tr)
+
+    def sources(runs: list[np.ndarray]) -> list[np.ndarray]:
+        z = [(x - x.mean(0)) / (x.std(0) + 1e-6) for x in runs]
+        _, _, vt = np.linalg.svd(np.concatenate(z), full_matrices=False)
+        proj = [zi @ vt[: cfg.pca].T for zi in z]
+        sd = np.concatenate(proj).std(0).clip(1e-6)
+        return [p / sd for p in proj]
+
+    src = {"a": sources(features_a), "b": sources(features_b)}
+    k = {g: s[0].shape[1] for g, s in src.items()}
+    # voxel weights share a per-ROI pattern (coherence ``ROI_COHERENCE``) so ROI-mean time courses carry
+    # the signal, as regional responses do; the rest is voxel-specific
+    w = {}
+    for g in src:
+        roi_pattern = rng.standard_normal((k[g], labels.max() + 1))[:, labels]
+        voxel = np.sqrt(ROI_COHERENCE) * roi_pattern + np.sqrt(1 - ROI_COHERENCE) * rng.standard_normal((k[g], n_vox))
+        w[g] = np.kron(hrf[:, None], np.ones((k[g], 1))) * np.tile(voxel, (len(hrf), 1))
+    raw = [{g: delay_run(src[g][r], scfg.delays) @ w[g] for g in src} for r in range(len(features_a))]
+    scale = {g: np.sqrt(rho[:, i] / np.concatenate([p[g] for p in raw]).var(0).clip(1e-12)) for i, g in enumerate("ab")}
+    baseline = rng.uniform(500, 1500, size=n_vox)
+    bold, signals, ys, parts_all = [], [], [], []
+    for p in raw:
+        parts = {g: p[g] * scale[g] for g in src}
+        signal = parts["a"] + parts["b"]
+        # noise is regionally coherent too (physiological noise is), so ROI means keep the voxels' SNR
+        roi_noise = rng.standard_normal((len(signal), labels.max() + 1))[:, labels]
+        noise = np.sqrt(ROI_COHERENCE) * roi_noise + np.sqrt(1 - ROI_COHERENCE) * rng.standard_normal(signal.shape)
+        y = signal + cfg.noise * noise * np.sqrt(np.clip(1 - rho.sum(1), 0.05, None))
+        bold.append((baseline + 10.0 * y).astype(np.float32))
+        signals.append(signal)
+        ys.append(y)
+        parts_all.append(parts)
+    Y, S = np.concatenate(ys), np.concatenate(signals)
+    var_y = Y.var(0)
+    truth = {
+        "true_r": synth._corr(S, Y),
+        "unique_action": np.concatenate([p["a"] for p in parts_all]).var(0) / var_y,
+        "unique_reasoning": np.concatenate([p["b"] for p in parts_all]).var(0) / var_y,
+        "rho_action": rho[:, 0], "rho_reasoning": rho[:, 1], "roi_labels": labels.astype(np.int32), "hrf": hrf,
+    }
+    truth = {key: np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f" else None)
+             for key, v in truth.items()}
+    feats = {"action": [np.asarray(f, np.float32) for f in features_a],
+             "reasoning": [np.asarray(f, np.float32) for f in features_b]}
+    return synth.SynthSession(scfg, mask, affine, atlas, roi_names, bold, feats, truth)
+
+
+def stream_key(agent_id: str, condition: str) -> str:
+    """Name of one scored feature stream: ``<agent>__<condition>`` (RL agents: ``policy``)."""
+    return f"{agent_id}__{condition or 'policy'}"
+
+
+def planted_roi_strength() -> dict[str, float]:
+    """Total planted variance fraction per ROI (before per-voxel jitter)."""
+    return {name: float(sum(parts)) for name, parts in PLANTED.items()}
+
+
+def _write_partition(path: Path, parts: dict[str, np.ndarray], labels: np.ndarray, roi_names: dict[int, str],
+                     agent: str) -> None:
+    rows = ["agent\troi\tn_voxels\tunique_action\tunique_reasoning\tshared"]
+    for idx, name in [(0, "all")] + sorted(roi_names.items()):
+        sel = labels > 0 if idx == 0 else labels == idx
+        if sel.any():
+            rows.append(f"{agent}\t{name}\t{int(sel.sum())}\t" + "\t".join(
+                f"{float(parts[k][sel].mean()):.6f}" for k in ("unique_a", "unique_b", "shared")))
+    path.write_text("\n".join(rows) + "\n")
+
+
+# --- replaying a session with agents ------------------------------------------------------------
+
+
+@dataclass
+class ReplayPlan:
+    """One participant run replayed with model agents."""
+
+    participant: Participant
+    run: str
+    """BIDS run label (``run-3``)."""
+    out: Path
+    agents: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=lambda: list(DEFAULT_AGENTS))
+    """(agent id, kind, prompt conditions); the VLM uses the participant's model."""
+    speed: float = 1.0
+    """Replay pace (1 = recorded)."""
+    max_trs: int | None = None
+    """Replay only the first N TRs (None = the whole run)."""
+    dashboard_port: int | None = None
+    """Serve the live dashboard on 127.0.0.1:PORT while replaying (None = no dashboard)."""
+    on_dashboard: Callable[[str], None] | None = None
+    """Called with the dashboard URL once it serves."""
+
+
+def replay_session(plan: ReplayPlan, progress: Callable[[str], None] = print) -> dict:
+    """Replay a run at the recorded pace through the live services; write scores and a report."""
+    from services.closed_loop import AgentSpec, _agent_process
+    from services.emulator import Emulator, EmulatorConfig
+    from services.encoding import EncodingServiceConfig, run_encoding_service
+    from services.scanner import run_trigger_paced
+
+    p = plan.participant
+    run = _run(p, plan.run)
+    out = Path(plan.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_trs = _n_volumes(run["bold"]) if plan.max_trs is None else min(plan.max_trs, _n_volumes(run["bold"]))
+    tr = _tr(run["bold"])
+    frames, control, bold_ep = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
+    specs = [AgentSpec(agent_id, kind, role="observer", model=p.model if kind == "vlm" else "",
+                       conditions=list(conds) or ["action"], activations_endpoint=free_tcp_endpoint())
+             for agent_id, kind, conds in plan.agents]
+    emulator = Emulator(EmulatorConfig(
+        mode="replay", replay_path=str(run["gamelog"]), speed=plan.speed, frames_endpoint=frames,
+        control_endpoint=control, record_path=str(out / "replay.narec"), wait_for_clients=len(specs),
+        duration_s=(n_trs + 1) * tr / plan.speed + 0.5, heartbeat_s=2.0))
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    encoder_reports: dict[str, object] = {}
+
+    def start(target, name) -> threading.Thread:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        threads.append(t)
+        return t
+
+    emu_result: dict = {}
+    emu_thread = start(lambda: emu_result.update(summary=emulator.run()), "emulator")
+    emulator.ready.wait(30)
+    scanner_ready = threading.Event()
+    start(lambda: run_trigger_paced(run["bold"], frames, bold_ep, stop=stop, ready=scanner_ready,
+                                    n_volumes=n_trs), "scanner")
+    scanner_ready.wait(10)
+    streams = []
+    for spec in specs:
+        for cond in (spec.conditions if spec.kind == "vlm" else [""]):
+            key = stream_key(spec.agent_id, cond)
+            if key not in p.weights:
+                progress(f"no weights for {key}: not scored")
+                continue
+            streams.append(key)
+            ecfg = EncodingServiceConfig(weights=str(p.weights[key]), activations=[spec.activations_endpoint],
+                                         bold=[bold_ep], predictions=free_tcp_endpoint(), out_dir=str(out),
+                                         out_stem=key, n_trs=n_trs,
+                                         idle_timeout_s=None)  # ends with the replay (n_trs or stop)
+            ecfg.core.agent_id = spec.agent_id
+            ecfg.core.ignore_sibling_streams = True  # the VLM publishes every condition and pooling on one socket
+            start(lambda ecfg=ecfg, key=key: encoder_reports.update({key: run_encoding_service(ecfg, stop)}),
+                  f"encoder-{key}")
+    dash = None
+    if plan.dashboard_port is not None:
+        from services.dashboard import Dashboard, DashboardConfig
+
+        dash = Dashboard(DashboardConfig(frames=frames, control=control,
+                                         activations=[s.activations_endpoint for s in specs], bold=[bold_ep],
+                                         predictions=[], atlas=str(p.atlas), atlas_labels=str(p.atlas_labels),
+                                         port=plan.dashboard_port))
+        dash.start()
+        if plan.on_dashboard:
+            plan.on_dashboard(dash.url)
+    ctx = mp.get_context("spawn")
+    agent_stop, results = ctx.Event(), ctx.Queue()
+    procs, readies = [], []  # keep the events referenced until the children have unpickled them
+    game = emulator.game.settings.game
+    for spec in specs:
+        readies.append(ctx.Event())
+        proc = ctx.Process(target=_agent_process,
+                           args=(spec, game, frames, control, readies[-1], agent_stop, results),
+                           name=spec.agent_id, daemon=True)
+        proc.start()
+        procs.append(proc)
+    progress(f"replaying {plan.run} ({n_trs} TRs at {plan.speed:g}× recorded pace) with "
+             f"{', '.join(s.agent_id for s in specs)}")
+    emu_thread.join()
+    for t in threads[1:]:
+        t.join(timeout=max(15.0, 4 * tr / plan.speed))
+    stop.set()
+    agent_stop.set()
+    summaries = {}
+    for _ in procs:
+        try:
+            agent_id, summary = results.get(timeout=30)
+            summaries[agent_id] = summary
+        except Exception:
+            break
+    for proc in procs:
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+    if dash is not None:
+        dash.stop()
+    emu = emu_result.get("summary")
+    latency = _latency_from_recording(out / "replay.narec")
+    (out / "latency.json").write_text(json.dumps(latency))
+    _copy_session_files(p, out)
+    from services.closed_loop import _report
+
+    agents_summary = _report(specs, summaries, emu.duration_s if emu else 0.0, emu.steps if emu else 0, game, emu)
+    for entry in agents_summary["agents"]:  # keep the first error messages, not only their count
+        entry["error_samples"] = summaries.get(entry["agent_id"], {}).get("errors", [])[:3]
+    return _finish(out, plan.run, streams, agents_summary, encoder_reports, progress,
+                   replay_verified=bool(emu and emu.hash_mismatches == 0 and emu.steps > 0))
+
+
+def replay_batch(participant: Participant, runs: list[str], out: Path, *, sequential: bool = True,
+                 progress: Callable[[str], None] = print) -> dict:
+    """Replay runs as fast as possible (offline extraction + prediction); one scores table per stream."""
+    import nibabel as nib
+    from rich.progress import Progress
+
+    from encoders.weights import EncodingWeights
+    from services.batch import AgentSpec, ExtractConfig, Job, run_job
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((participant.root / "derivatives" / "neuroarcade_session.json").read_text())["config"]
+    specs = {"rl-0": AgentSpec(label="rl", kind="rl"),
+             "vlm-0": AgentSpec(label="vlm", kind="vlm", model=participant.model, conditions=("action", "reasoning"),
+                                poolings=("last_token",))}
+    xcfg = ExtractConfig(stride=cfg["stride"], tr=cfg["tr"], seed=cfg["seed"])
+    weights = {k: EncodingWeights.load(v) for k, v in participant.weights.items()}
+    rows = []
+    with Progress() as bar:
+        task = bar.add_task("replaying runs", total=len(runs) * len(specs))
+        for run_label in runs:
+            run = _run(participant, run_label)
+            img = nib.load(str(run["bold"]))
+            for agent_id, spec in specs.items():
+                res = run_job(Job(str(run["gamelog"]), run_label, spec, xcfg))
+                for name, feats in res.features.items():
+                    key = stream_key(agent_id, res.meta[name]["condition"])
+                    w = weights.get(key)
+                    meta = res.meta[name]
+                    if w is None or not _matches(w, meta):
+                        continue
+                    n = min(len(feats), img.shape[3])
+                    pred = w.predict([feats[:n]])
+                    measured = np.asarray(img.dataobj[..., :n], dtype=np.float32)[w.mask].T
+                    for roi, r in _roi_scores(w, pred, measured).items():
+                        rows.append({"run": run_label, "agent": agent_id, "condition": res.meta[name]["condition"],
+                                     "roi": roi, "r": r, "n_trs": n})
+                bar.advance(task)
+    stem_rows: dict[str, list[dict]] = {}
+    for row in rows:
+        stem_rows.setdefault(stream_key(row["agent"], row["condition"]), []).append(row)
+    for stem, rs in stem_rows.items():
+        _write_tsv(out / f"{stem}_scores.tsv", rs)
+    _copy_session_files(participant, out)
+    return _finish(out, ",".join(runs), list(stem_rows), None, {}, progress, replay_verified=True)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _matches(w, meta: dict) -> bool:
+    from encoders.weights import WeightsError
+
+    try:
+        w.spaces[0].check_provenance(model=meta["model"], layer_list=[meta["layer"]], condition=meta["condition"],
+                                     pooling=meta["pooling"])
+        return True
+    except WeightsError:
+        return False
+
+
+def _run(p: Participant, label: str) -> dict:
+    for r in p.runs:
+        if r["run"] == label:
+            return r
+    raise ValueError(f"no {label} in {p.root} (runs: {', '.join(r['run'] for r in p.runs)})")
+
+
+def _n_volumes(path) -> int:
+    import nibabel as nib
+
+    return int(nib.load(str(path)).shape[3])
+
+
+def _tr(path) -> float:
+    import nibabel as nib
+
+    return float(nib.load(str(path)).header.get_zooms()[3] or 2.0)
+
+
+def _roi_scores(w, pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+    """Pearson r of ROI-mean time courses (z-scored measured), as the encoding service scores."""
+    from encoders.weights import roi_table
+
+    m = (measured - measured.mean(0)) / (measured.std(0) + 1e-9)
+    out = {}
+    for name, idx in roi_table(w):
+        a, b = pred[:, idx].mean(1), m[:, idx].mean(1)
+        out[name] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    return out
+
+
+def _latency_from_recording(path: Path) -> dict:
+    """Decision round trips per agent and condition, from the replay's own action log (emulator clock)."""
+    from services.recording import read_recording
+
+    rec = read_recording(path)
+    t_frame = {seq: t for seq, t, _ in rec.frames()}
+    lat: dict[str, dict[str, list[float]]] = {}
+    stale: dict[str, dict[str, list[float]]] = {}
+    for step in rec.steps:
+        for a in step.actions:
+            if a.frame_seq in t_frame:
+                cond = a.condition or "policy"
+                lat.setdefault(a.agent_id, {}).setdefault(cond, []).append((a.t_recv_ns - t_frame[a.frame_seq]) / 1e6)
+                stale.setdefault(a.agent_id, {}).setdefault(cond, []).append(
+                    (step.t_ns - t_frame[a.frame_seq]) / 1e6)
+    return {**lat, "staleness_ms": stale}
+
+
+def _copy_session_files(p: Participant, out: Path) -> None:
+    shutil.copy(p.atlas, out / "atlas.nii.gz")
+    shutil.copy(p.atlas_labels, out / "atlas_labels.tsv")
+    if p.partition is not None and p.partition.exists():
+        shutil.copy(p.partition, out / "partition.tsv")
+
+
+def _write_tsv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _read_scores(out: Path, streams: list[str]) -> dict[str, dict[str, float]]:
+    """Per stream, per ROI score (the encoding service's ROI-mean r, or the batch replay's r)."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    for stem in streams:
+        path = out / f"{stem}_scores.tsv"
+        if not path.exists():
+            continue
+        with open(path) as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                value = row.get("r_roi_mean") or row.get("r") or "nan"
+                scores.setdefault(stem, {}).setdefault(row["roi"], []).append(float(value))
+    return {s: {roi: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for roi, v in rois.items()}
+            for s, rois in scores.items()}
+
+
+def _finish(out: Path, run: str, streams: list[str], agents_summary: dict | None, encoder_reports: dict,
+            progress: Callable[[str], None], replay_verified: bool) -> dict:
+    from services.report import write_report
+
+    scores = _read_scores(out, streams)
+    progress("writing the report")
+    report = write_report(out, title=f"neuroarcade — {run}")
+    summary = {
+        "run": run, "out": str(out), "report": str(report), "replay_verified": replay_verified,
+        "scores": scores, "planted_roi_strength": planted_roi_strength(),
+        "encoders": {k: {"trs_predicted": r.trs_predicted, "trs_scored": r.trs_scored, "errors": r.errors,
+                         "rejected_messages": r.rejected_messages} for k, r in encoder_reports.items()},
+    }
+    if agents_summary is not None:
+        summary.update(agents=agents_summary["agents"], emulator=agents_summary["emulator"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
