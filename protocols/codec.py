@@ -103,7 +103,8 @@ class Decoder:
         self._used = self._used_mask = 0
         try:
             msg = self._decoder.decode(header)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            # msgspec lets invalid UTF-8 in a string surface as UnicodeDecodeError
             raise self._explain(header, e) from None
         finally:
             n_bufs, self._bufs = len(self._bufs), ()
@@ -122,7 +123,7 @@ class Decoder:
         """Name the real problem of a header that failed to decode."""
         try:
             env = self._envelope.decode(header)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
             return ProtocolError(ErrorCode.BAD_HEADER, f"header is not a map with int 'v' and str 'kind': {e}")
         if env.v != PROTOCOL_VERSION:
             return ProtocolError(ErrorCode.BAD_VERSION, f"protocol version {env.v}, expected {PROTOCOL_VERSION}",

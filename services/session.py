@@ -328,113 +328,223 @@ class ReplayPlan:
     """Called with the dashboard URL once it serves."""
 
 
-def replay_session(plan: ReplayPlan, progress: Callable[[str], None] = print) -> dict:
-    """Replay a run at the recorded pace through the live services; write scores and a report."""
-    from services.closed_loop import AgentSpec, _agent_process
-    from services.emulator import Emulator, EmulatorConfig
-    from services.encoding import EncodingServiceConfig, run_encoding_service
-    from services.scanner import run_trigger_paced
+class ClosedLoop:
+    """The live services of one session, on loopback: an emulator (thread), a BOLD source (thread),
+    one encoding service per weights file (threads), the dashboard (optional) and agents (one process
+    each: a model per process, 1 torch thread). ``start`` them, wait for the emulator, ``finish``."""
 
-    p = plan.participant
-    run = _run(p, plan.run)
-    out = Path(plan.out)
-    out.mkdir(parents=True, exist_ok=True)
-    n_trs = _n_volumes(run["bold"]) if plan.max_trs is None else min(plan.max_trs, _n_volumes(run["bold"]))
-    tr = _tr(run["bold"])
-    frames, control, bold_ep = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
-    specs = [AgentSpec(agent_id, kind, role="observer", model=p.model if kind == "vlm" else "",
-                       conditions=list(conds) or ["action"], activations_endpoint=free_tcp_endpoint())
-             for agent_id, kind, conds in plan.agents]
-    emulator = Emulator(EmulatorConfig(
-        mode="replay", replay_path=str(run["gamelog"]), speed=plan.speed, frames_endpoint=frames,
-        control_endpoint=control, record_path=str(out / "replay.narec"), wait_for_clients=len(specs),
-        duration_s=(n_trs + 1) * tr / plan.speed + 0.5, heartbeat_s=2.0))
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-    encoder_reports: dict[str, object] = {}
+    def __init__(self, p: Participant, out: Path, agents: list[tuple[str, str, tuple[str, ...]]],
+                 progress: Callable[[str], None]):
+        from services.closed_loop import AgentSpec
 
-    def start(target, name) -> threading.Thread:
+        self.p, self.out, self.progress = p, Path(out), progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.frames, self.control, self.bold = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
+        self.specs = [AgentSpec(agent_id, kind, role="observer", model=p.model if kind == "vlm" else "",
+                                conditions=list(conds) or ["action"], activations_endpoint=free_tcp_endpoint())
+                      for agent_id, kind, conds in agents]
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.encoder_reports: dict[str, object] = {}
+        self.streams: list[str] = []
+        self.emulator = None
+        self.dashboard = None
+        self._emu_result: dict = {}
+
+    def thread(self, target, name: str) -> threading.Thread:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
-        threads.append(t)
+        self.threads.append(t)
         return t
 
-    emu_result: dict = {}
-    emu_thread = start(lambda: emu_result.update(summary=emulator.run()), "emulator")
-    emulator.ready.wait(30)
-    scanner_ready = threading.Event()
-    start(lambda: run_trigger_paced(run["bold"], frames, bold_ep, stop=stop, ready=scanner_ready,
-                                    n_volumes=n_trs), "scanner")
-    scanner_ready.wait(10)
-    streams = []
-    for spec in specs:
-        for cond in (spec.conditions if spec.kind == "vlm" else [""]):
-            key = stream_key(spec.agent_id, cond)
-            if key not in p.weights:
-                progress(f"no weights for {key}: not scored")
-                continue
-            streams.append(key)
-            ecfg = EncodingServiceConfig(weights=str(p.weights[key]), activations=[spec.activations_endpoint],
-                                         bold=[bold_ep], predictions=free_tcp_endpoint(), out_dir=str(out),
-                                         out_stem=key, n_trs=n_trs,
-                                         idle_timeout_s=None)  # ends with the replay (n_trs or stop)
-            ecfg.core.agent_id = spec.agent_id
-            ecfg.core.ignore_sibling_streams = True  # the VLM publishes every condition and pooling on one socket
-            start(lambda ecfg=ecfg, key=key: encoder_reports.update({key: run_encoding_service(ecfg, stop)}),
-                  f"encoder-{key}")
-    dash = None
-    if plan.dashboard_port is not None:
+    def start_emulator(self, cfg) -> None:
+        from services.emulator import Emulator
+
+        cfg.frames_endpoint, cfg.control_endpoint = self.frames, self.control
+        cfg.record_path = str(self.out / "session.narec")
+        self.emulator = Emulator(cfg)
+        self._emu_thread = self.thread(lambda: self._emu_result.update(summary=self.emulator.run()), "emulator")
+        self.emulator.ready.wait(30)
+
+    def start_encoders(self, n_trs: int | None) -> None:
+        from services.encoding import EncodingServiceConfig, run_encoding_service
+
+        for spec in self.specs:
+            for cond in (spec.conditions if spec.kind == "vlm" else [""]):
+                key = stream_key(spec.agent_id, cond)
+                if key not in self.p.weights:
+                    self.progress(f"no weights for {key}: not scored")
+                    continue
+                self.streams.append(key)
+                ecfg = EncodingServiceConfig(weights=str(self.p.weights[key]), activations=[spec.activations_endpoint],
+                                             bold=[self.bold], predictions=free_tcp_endpoint(), out_dir=str(self.out),
+                                             out_stem=key, n_trs=n_trs)
+                ecfg.core.agent_id = spec.agent_id
+                ecfg.core.ignore_sibling_streams = True  # agents publish every condition and pooling on one socket
+                self.thread(lambda ecfg=ecfg, key=key: self.encoder_reports.update(
+                    {key: run_encoding_service(ecfg, self.stop)}), f"encoder-{key}")
+
+    def start_dashboard(self, port: int | None, play: bool, on_url: Callable[[str], None] | None) -> None:
+        if port is None:
+            return
         from services.dashboard import Dashboard, DashboardConfig
 
-        dash = Dashboard(DashboardConfig(frames=frames, control=control,
-                                         activations=[s.activations_endpoint for s in specs], bold=[bold_ep],
-                                         predictions=[], atlas=str(p.atlas), atlas_labels=str(p.atlas_labels),
-                                         port=plan.dashboard_port))
-        dash.start()
-        if plan.on_dashboard:
-            plan.on_dashboard(dash.url)
-    ctx = mp.get_context("spawn")
-    agent_stop, results = ctx.Event(), ctx.Queue()
-    procs, readies = [], []  # keep the events referenced until the children have unpickled them
-    game = emulator.game.settings.game
-    for spec in specs:
-        readies.append(ctx.Event())
-        proc = ctx.Process(target=_agent_process,
-                           args=(spec, game, frames, control, readies[-1], agent_stop, results),
-                           name=spec.agent_id, daemon=True)
-        proc.start()
-        procs.append(proc)
-    progress(f"replaying {plan.run} ({n_trs} TRs at {plan.speed:g}× recorded pace) with "
-             f"{', '.join(s.agent_id for s in specs)}")
-    emu_thread.join()
-    for t in threads[1:]:
-        t.join(timeout=max(15.0, 4 * tr / plan.speed))
-    stop.set()
-    agent_stop.set()
-    summaries = {}
-    for _ in procs:
-        try:
-            agent_id, summary = results.get(timeout=30)
-            summaries[agent_id] = summary
-        except Exception:
-            break
-    for proc in procs:
-        proc.join(10)
-        if proc.is_alive():
-            proc.terminate()
-    if dash is not None:
-        dash.stop()
-    emu = emu_result.get("summary")
-    latency = _latency_from_recording(out / "replay.narec")
-    (out / "latency.json").write_text(json.dumps(latency))
-    _copy_session_files(p, out)
-    from services.closed_loop import _report
+        self.dashboard = Dashboard(DashboardConfig(
+            frames=self.frames, control=self.control, activations=[s.activations_endpoint for s in self.specs],
+            bold=[self.bold], predictions=[], atlas=str(self.p.atlas), atlas_labels=str(self.p.atlas_labels),
+            port=port, play=play))
+        self.dashboard.start()
+        if on_url:
+            on_url(self.dashboard.url)
 
-    agents_summary = _report(specs, summaries, emu.duration_s if emu else 0.0, emu.steps if emu else 0, game, emu)
-    for entry in agents_summary["agents"]:  # keep the first error messages, not only their count
-        entry["error_samples"] = summaries.get(entry["agent_id"], {}).get("errors", [])[:3]
-    return _finish(out, plan.run, streams, agents_summary, encoder_reports, progress,
-                   replay_verified=bool(emu and emu.hash_mismatches == 0 and emu.steps > 0))
+    def start_agents(self) -> None:
+        from services.closed_loop import _agent_process
+
+        ctx = mp.get_context("spawn")
+        self._agent_stop, self._results = ctx.Event(), ctx.Queue()
+        self._procs, self._readies = [], []  # events stay referenced until the children unpickled them
+        game = self.emulator.game.settings.game
+        for spec in self.specs:
+            self._readies.append(ctx.Event())
+            proc = ctx.Process(target=_agent_process, args=(spec, game, self.frames, self.control, self._readies[-1],
+                                                            self._agent_stop, self._results),
+                               name=spec.agent_id, daemon=True)
+            proc.start()
+            self._procs.append(proc)
+
+    def wait_emulator(self, grace_s: float) -> None:
+        self._emu_thread.join()
+        for t in self.threads:
+            if t is not self._emu_thread:
+                t.join(timeout=grace_s)
+
+    def finish(self, run: str) -> dict:
+        from services.closed_loop import _report
+
+        self.stop.set()
+        self._agent_stop.set()
+        summaries = {}
+        for _ in self._procs:
+            try:
+                agent_id, summary = self._results.get(timeout=30)
+                summaries[agent_id] = summary
+            except Exception:
+                break
+        for proc in self._procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+        if self.dashboard is not None:
+            self.dashboard.stop()
+        for t in self.threads:
+            t.join(timeout=10)
+        emu = self._emu_result.get("summary")
+        (self.out / "latency.json").write_text(json.dumps(_latency_from_recording(self.out / "session.narec")))
+        _copy_session_files(self.p, self.out)
+        game = self.emulator.game.settings.game
+        agents = _report(self.specs, summaries, emu.duration_s if emu else 0.0, emu.steps if emu else 0, game, emu)
+        for entry in agents["agents"]:  # keep the first error messages, not only their count
+            entry["error_samples"] = summaries.get(entry["agent_id"], {}).get("errors", [])[:3]
+        return _finish(self.out, run, self.streams, agents, self.encoder_reports, self.progress,
+                       replay_verified=bool(emu and emu.hash_mismatches == 0 and emu.steps > 0))
+
+
+def replay_session(plan: ReplayPlan, progress: Callable[[str], None] = print) -> dict:
+    """Replay a run at the recorded pace through the live services; write scores and a report."""
+    from services.emulator import EmulatorConfig
+    from services.scanner import run_trigger_paced
+
+    run = _run(plan.participant, plan.run)
+    n_trs = _n_volumes(run["bold"]) if plan.max_trs is None else min(plan.max_trs, _n_volumes(run["bold"]))
+    tr = _tr(run["bold"])
+    loop = ClosedLoop(plan.participant, plan.out, plan.agents, progress)
+    loop.start_emulator(EmulatorConfig(mode="replay", replay_path=str(run["gamelog"]), speed=plan.speed,
+                                       wait_for_clients=len(loop.specs), heartbeat_s=2.0,
+                                       duration_s=(n_trs + 1) * tr / plan.speed + 0.5))
+    ready = threading.Event()
+    loop.thread(lambda: run_trigger_paced(run["bold"], loop.frames, loop.bold, stop=loop.stop, ready=ready,
+                                          n_volumes=n_trs), "scanner")
+    ready.wait(10)
+    loop.start_encoders(n_trs)
+    loop.start_dashboard(plan.dashboard_port, play=False, on_url=plan.on_dashboard)
+    loop.start_agents()
+    progress(f"replaying {plan.run} ({n_trs} TRs at {plan.speed:g}× recorded pace) with "
+             f"{', '.join(s.agent_id for s in loop.specs)}")
+    loop.wait_emulator(grace_s=max(15.0, 4 * tr / plan.speed))
+    return loop.finish(plan.run)
+
+
+@dataclass
+class LivePlan:
+    """Scanner-side live session: a participant plays, the export folder is watched, agents run alongside."""
+
+    participant: Participant
+    """Whose fitted weights predict the BOLD (the same person, an earlier session)."""
+    scanner_folder: Path
+    out: Path
+    game: str = "ALE/Pong-v5"
+    duration_s: float = 120.0
+    simulate: Path | None = None
+    """A 4D NIfTI written into the folder at TR pace, with triggers (no scanner at hand)."""
+    dashboard_port: int | None = 8000
+    on_dashboard: Callable[[str], None] | None = None
+    agents: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=lambda: list(DEFAULT_AGENTS))
+
+
+def run_live(plan: LivePlan, progress: Callable[[str], None] = print) -> dict:
+    """Realtime emulator controlled from the dashboard's keyboard; volumes from the watched export folder;
+    scanner triggers recorded by the emulator (forwarded), so frames map to TRs."""
+    from services.emulator import EmulatorConfig
+    from services.game import GameSettings
+    from services.scanner import FolderSource, SimulatedScannerConfig, publish_stream, run_simulated_scanner
+
+    loop = ClosedLoop(plan.participant, plan.out, plan.agents, progress)
+    loop.start_emulator(EmulatorConfig(game=GameSettings(game=plan.game), mode="realtime", controller="human",
+                                       duration_s=plan.duration_s, heartbeat_s=2.0))
+    from encoders.weights import EncodingWeights
+
+    tr = EncodingWeights.load(next(iter(plan.participant.weights.values()))).tr
+    Path(plan.scanner_folder).mkdir(parents=True, exist_ok=True)
+    source = FolderSource(plan.scanner_folder, tr=tr, stop=loop.stop)
+    loop.thread(lambda: publish_stream(source, loop.bold), "scanner-watch")
+    if plan.simulate is not None:
+        triggers = free_tcp_endpoint()
+        loop.thread(lambda: run_simulated_scanner(SimulatedScannerConfig(
+            bold=str(plan.simulate), folder=str(plan.scanner_folder), trigger_endpoint=triggers), stop=loop.stop),
+            "scanner-simulated")
+        loop.thread(lambda: _forward_triggers(triggers, loop.control, loop.stop), "trigger-bridge")
+    loop.start_encoders(None)
+    loop.start_dashboard(plan.dashboard_port, play=True, on_url=plan.on_dashboard or progress)
+    loop.start_agents()
+    progress(f"live: {plan.game} for {plan.duration_s:.0f} s; watching {plan.scanner_folder}")
+    loop.wait_emulator(grace_s=5.0)
+    return loop.finish("live")
+
+
+def _forward_triggers(trigger_endpoint: str, control_endpoint: str, stop: threading.Event) -> None:
+    """Scanner triggers → the emulator's control socket (it records them and re-publishes them)."""
+    import zmq
+
+    from protocols import Decoder, Trigger
+    from services.transport import TOPIC_TRIGGER, Channel, make_socket, split_topic
+
+    ctx = zmq.Context.instance()
+    sub = make_socket(ctx, zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, TOPIC_TRIGGER)
+    sub.connect(trigger_endpoint)
+    dealer = Channel(make_socket(ctx, zmq.DEALER))
+    dealer.sock.connect(control_endpoint)
+    inbox = Channel(sub, Decoder(accept=[Trigger]))
+    try:
+        while not stop.is_set():
+            if sub.poll(100):
+                _, parts = split_topic(inbox.recv_parts())
+                msg = inbox.decode(parts)
+                if msg is not None:
+                    dealer.send(msg)
+    finally:
+        sub.close(0)
+        dealer.sock.close(0)
 
 
 def replay_batch(participant: Participant, runs: list[str], out: Path, *, sequential: bool = True,

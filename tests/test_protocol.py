@@ -106,3 +106,8 @@ def test_big_endian_and_noncontiguous_arrays_are_normalised():
     out = Decoder().decode(Encoder().encode(msg))
     assert out.voxels.dtype == np.dtype("<f4")
     assert np.array_equal(out.voxels, a.astype("<f4"))
+
+
+def test_invalid_utf8_in_a_string_is_a_bad_header():
+    header = msgspec.msgpack.encode({"v": 1, "kind": "hello", "client_id": "x"}).replace(b"\xa1x", b"\xa1\xdc")
+    _bad([header], ErrorCode.BAD_HEADER)

@@ -26,11 +26,26 @@ def agent(
     seconds: float = typer.Option(20.0, help="Seconds the agent service runs against the emulator."),
     conditions: str = typer.Option("action", help="Prompt conditions, comma-separated (batched in one forward)."),
     game: str = typer.Option("ALE/Pong-v5", help="Game."),
+    backend: str = typer.Option("transformers", help="VLM runtime: transformers or vllm (run it in .venv-vllm on CPU)."),
+    vllm_url: str = typer.Option("", help="vLLM: http://host:port of a `vllm serve` ('' = engine in the agent process)."),
 ) -> None:
     """Decision latency through the agent service vs the bare model forward + scoring, same frames."""
+    from agents.vlm import BACKENDS
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}")
+    if backend == "vllm":
+        from agents.vllm_backend import VllmUnavailable, require_vllm
+
+        try:
+            require_vllm(remote=bool(vllm_url))
+        except VllmUnavailable as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
     from benchmarks.agent import main
 
-    main(model=model or None, seconds=seconds, conditions=conditions, game=game)
+    main(model=model or None, seconds=seconds, conditions=conditions, game=game, backend=backend,
+         vllm_url=vllm_url or None)
 
 
 @app.command()
@@ -52,3 +67,23 @@ def encode(
     main(predict_features=predict_features, predict_voxels=predict_voxels, predict_trs=predict_trs,
          fit_runs=fit_runs, fit_trs=fit_trs, fit_features=fit_features, fit_voxels=fit_voxels, repeats=repeats,
          threads=threads, backend=backend)
+
+
+@app.command()
+def e2e(
+    seconds: float = typer.Option(10.0, help="Measured seconds of the main run (RL controller + tiny VLM + encoder)."),
+    fps: float = typer.Option(15.0, help="Emulator frame rate of the main run and of the agents curve."),
+    point_seconds: float = typer.Option(3.0, help="Measured seconds of each scaling point."),
+    agents_curve: str = typer.Option("1,2,4,8", help="RL agent counts of the scaling curve ('' = skip)."),
+    fps_curve: str = typer.Option("15,30,60", help="Frame rates of the scaling curve, one RL agent ('' = skip)."),
+    vlm: bool = typer.Option(True, help="Run the tiny VLM observer in the main run."),
+    tr_s: float = typer.Option(0.5, help="Simulated scanner TR (time-compressed), seconds."),
+    grace_s: float = typer.Option(0.3, help="Encoder grace after trigger t+1 before TR t closes."),
+    game: str = typer.Option("ALE/Pong-v5", help="Game."),
+    out_dir: str = typer.Option("benchmarks/results", help="Results go to <out_dir>/<timestamp>/."),
+) -> None:
+    """Per-stage latency frame→agent→action/activation→encoder and TR→prediction→score; scaling curves."""
+    from benchmarks.e2e import main
+
+    main(seconds=seconds, fps=fps, point_seconds=point_seconds, agents_curve=agents_curve, fps_curve=fps_curve,
+         vlm=vlm, tr_s=tr_s, grace_s=grace_s, game=game, out_dir=out_dir)

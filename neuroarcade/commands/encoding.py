@@ -278,16 +278,22 @@ def register(app: typer.Typer) -> None:
         idle_timeout_s: Optional[float] = typer.Option(None, help="Stop after this long without input."),
         agent_id: str = typer.Option("", help="Follow only this agent ('' = first matching)."),
         grace_s: float = typer.Option(0.5, help="Wait this long after a TR ends for late activations."),
+        metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port (127.0.0.1)."),
+        log_json: bool = typer.Option(False, help="Structured logs: one JSON object per line."),
     ) -> None:
         """Encoding service: activations + BOLD in, per-TR predictions and running scores out."""
         import logging
 
         from services.encoding import CoreConfig, EncodingServiceConfig, run_encoding_service
+        from services.metrics import JsonFormatter
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if log_json:
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(JsonFormatter())
         cfg = EncodingServiceConfig(weights=str(weights), activations=activations, bold=bold,
                                     predictions=predictions, out_dir=str(out_dir or ""), n_trs=n_trs,
-                                    idle_timeout_s=idle_timeout_s,
+                                    idle_timeout_s=idle_timeout_s, metrics_port=metrics_port,
                                     core=CoreConfig(agent_id=agent_id, grace_s=grace_s))
         try:
             report = run_encoding_service(cfg)

@@ -1,45 +1,156 @@
-"""Product commands: `demo` (the one-command tour)."""
+"""Product commands: `demo`, `replay-session`, `synth-participant`, `live`.
+
+Each reads its defaults from the pipeline config too (`neuroarcade --config lab.toml demo`): the
+command tables set options, and `[pipeline.*]` tables describe the closed loop.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
     app.command()(demo)
+    app.command("replay-session")(replay_session)
+    app.command("synth-participant")(synth_participant)
+    app.command()(live)
 
 
 def demo(
-    seconds: float = typer.Option(10.0, help="How long the closed loop runs."),
-    game: str = typer.Option("ALE/Pong-v5", help="Gymnasium id of an ALE game."),
-    out: Path = typer.Option(Path("runs/demo"), help="Folder for the recording and outputs."),
+    seconds: float = typer.Option(40.0, help="How long the participant's run is replayed (recorded pace)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for the synthetic participant and this run's outputs."),
+    model: str = typer.Option("", help="VLM by hub name or local dir ('' = the tiny offline Qwen2.5-VL), "
+                                       "e.g. Qwen/Qwen2.5-VL-7B-Instruct when you have a hub."),
+    game: str = typer.Option("ALE/Pong-v5", help="Game of the synthetic participant."),
+    participant: Optional[Path] = typer.Option(None, help="Use this participant folder (made by synth-participant)."),
+    dashboard_port: int = typer.Option(8000, help="Serve the live dashboard on 127.0.0.1:PORT (0 = no dashboard)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object (keys in README)."),
+) -> None:
+    """Offline tour: a synthetic participant's session replayed with an RL agent and a VLM (action and reasoning
+    prompts), the scanner's volumes arriving TR by TR, live encoding scores, the dashboard, then a report."""
+    from services.session import Participant, ParticipantConfig, ReplayPlan, make_participant, replay_session
+
+    say = _say(as_json)
+    root = participant or out / "participant"
+    if (root / "derivatives" / "neuroarcade_session.json").exists():
+        p = Participant.load(root)
+    else:
+        say(f"making a synthetic participant in {root} (once; about 2 minutes on a laptop CPU)")
+        p = make_participant(root, ParticipantConfig(game=game, model=model), progress=say)
+    held_out = p.runs[-1]["run"]
+    tr = 2.0
+    plan = ReplayPlan(p, held_out, out / "run", max_trs=max(3, math.ceil(seconds / tr)),
+                      dashboard_port=dashboard_port or None,
+                      on_dashboard=lambda url: say(f"dashboard: {url}"))
+    summary = replay_session(plan, progress=say)
+    _print_summary(summary, as_json)
+
+
+def replay_session(
+    participant: Path = typer.Argument(..., help="Participant folder: BIDS run(s), gamelogs, derivatives/weights."),
+    run: str = typer.Option("", help="Run to replay (default: the held-out run)."),
+    out: Path = typer.Option(Path("runs/replay"), help="Output folder."),
+    batch: bool = typer.Option(False, help="As fast as possible, offline, over --runs (progress bar)."),
+    runs: list[str] = typer.Option([], help="Batch mode: runs to replay (repeatable; default all)."),
+    speed: float = typer.Option(1.0, help="Recorded-pace mode: 1 = as recorded."),
+    max_trs: Optional[int] = typer.Option(None, help="Replay only the first N TRs."),
+    dashboard_port: int = typer.Option(0, help="Serve the dashboard on 127.0.0.1:PORT while replaying (0 = no)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
-    """Offline tour: the emulator in real time with a built-in controller, recorded, then verified."""
-    from services.demo import run_builtin_demo
+    """Replay a participant's session with model agents watching the bit-identical frames; score each agent's
+    predicted BOLD against the participant's measured BOLD per ROI; write scores, maps and a report."""
+    from services.session import Participant, ReplayPlan, replay_batch
+    from services.session import replay_session as run_replay
 
-    summary = run_builtin_demo(game=game, seconds=seconds, out=out)
+    say = _say(as_json)
+    try:
+        p = Participant.load(participant)
+    except FileNotFoundError:
+        raise typer.BadParameter(f"{participant} has no derivatives/neuroarcade_session.json "
+                                 "(make one with `neuroarcade synth-participant`)", param_hint="PARTICIPANT")
+    if batch:
+        summary = replay_batch(p, runs or [r["run"] for r in p.runs], out, progress=say)
+    else:
+        summary = run_replay(ReplayPlan(p, run or p.runs[-1]["run"], out, speed=speed, max_trs=max_trs,
+                                        dashboard_port=dashboard_port or None,
+                                        on_dashboard=lambda url: say(f"dashboard: {url}")), progress=say)
+    _print_summary(summary, as_json)
+
+
+def synth_participant(
+    out: Path = typer.Argument(..., help="Folder to write the BIDS dataset into."),
+    game: str = typer.Option("ALE/Pong-v5", help="Game played in the recorded runs."),
+    runs: int = typer.Option(3, help="Runs (the last is held out from the fit)."),
+    trs: int = typer.Option(60, help="Volumes per run."),
+    model: str = typer.Option("", help="VLM ('' = build the tiny offline Qwen2.5-VL)."),
+    seed: int = typer.Option(0, help="Seed of everything random."),
+) -> None:
+    """A synthetic participant whose BOLD is planted on a VLM's action/reasoning-prompt features, with fitted
+    weights per agent and condition; `replay-session` then checks the planted ROI ordering comes back."""
+    from services.session import ParticipantConfig, make_participant
+
+    p = make_participant(out, ParticipantConfig(game=game, runs=runs, trs=trs, model=model, seed=seed))
+    typer.echo(f"{p.root}: {len(p.runs)} runs, weights {', '.join(p.weights)}; held-out {p.runs[-1]['run']}")
+
+
+def live(
+    participant: Path = typer.Argument(..., help="Participant folder with fitted weights (derivatives/weights)."),
+    scanner_folder: Path = typer.Option(..., help="The scanner's export folder to watch (DICOM or NIfTI)."),
+    simulate: Optional[Path] = typer.Option(None, help="Simulate the scanner: write this 4D NIfTI's volumes "
+                                                       "into --scanner-folder at TR pace, with triggers."),
+    duration: float = typer.Option(120.0, help="Seconds to run."),
+    game: str = typer.Option("ALE/Pong-v5", help="Game the participant plays."),
+    out: Path = typer.Option(Path("runs/live"), help="Output folder."),
+    dashboard_port: int = typer.Option(8000, help="Dashboard port (keyboard play for the participant)."),
+) -> None:
+    """Scanner-side demo: the participant plays in the browser, the export folder is watched, agents run
+    alongside, predictions and running scores appear live; a report at the end."""
+    from services.session import LivePlan, Participant, run_live
+
+    p = Participant.load(participant)
+    summary = run_live(LivePlan(p, scanner_folder, out, game=game, duration_s=duration, simulate=simulate,
+                                dashboard_port=dashboard_port), progress=typer.echo)
+    _print_summary(summary, False)
+
+
+def _say(quiet: bool):
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return (lambda msg: console.print(f"[dim]{msg}[/dim]")) if quiet else (lambda msg: console.print(msg))
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(summary, default=str))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"neuroarcade demo — {game}, {seconds:.0f} s")
-    for col in ("client", "role", "actions", "round trip p50 (ms)", "round trip p99 (ms)", "frames skipped"):
-        table.add_column(col)
-    for cid, c in summary["clients"].items():
-        table.add_row(cid, c["role"], str(c["actions"]), _ms(c["rt_p50_ms"]), _ms(c["rt_p99_ms"]),
-                      str(c.get("frames_skipped", "")))
     console = Console()
-    console.print(table)
-    console.print(f"emulator: {summary['steps']} steps, {summary['episodes']} episodes, "
-                  f"{summary['rejected']} rejected messages; recording {summary['recording']} "
-                  f"→ replay verify: {summary['replay_verified']}")
-
-
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
+    if summary.get("agents"):
+        t = Table(title="agents (decisions on the replayed frames)")
+        for col in ("agent", "condition", "decisions", "latency p50 ms", "latency p99 ms", "activations",
+                    "stale frames skipped"):
+            t.add_column(col)
+        for a in summary["agents"]:
+            t.add_row(a["agent_id"], a.get("condition") or "policy", str(a["decisions"]),
+                      f"{a['latency_p50_ms']:.1f}", f"{a['latency_p99_ms']:.1f}", str(a["activations"]),
+                      str(a["stale_skipped"]))
+        console.print(t)
+    scores = summary.get("scores", {})
+    if scores:
+        rois = list(next(iter(scores.values())))
+        t = Table(title="Pearson r, predicted vs measured BOLD (ROI means)")
+        t.add_column("stream")
+        for roi in rois:
+            t.add_column(roi)
+        for stream, per_roi in scores.items():
+            t.add_row(stream, *[f"{per_roi.get(r, float('nan')):.2f}" for r in rois])
+        console.print(t)
+    console.print(f"report: {summary.get('report')}   replay bit-exact: {summary.get('replay_verified')}")
