@@ -125,6 +125,8 @@ class GameClient:
         self._last_heard = time.monotonic()
         if self.welcome is None or frame.session_id != self.welcome.session_id:
             self._rejoin()
+            if self.welcome is None or frame.session_id != self.welcome.session_id:
+                return None  # a leftover frame of the previous session: never act on it
         return frame
 
     def act(self, frame: Frame, action: int, *, probs: list[float] | None = None, condition: str = "",
