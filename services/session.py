@@ -366,7 +366,8 @@ class ClosedLoop:
         self._emu_thread = self.thread(lambda: self._emu_result.update(summary=self.emulator.run()), "emulator")
         self.emulator.ready.wait(30)
 
-    def start_encoders(self, n_trs: int | None) -> None:
+    def start_encoders(self, n_trs: int | None, trigger_sources: tuple[str, ...] = ()) -> None:
+        """One encoding service per weights file; BOLD from ``self.bold``, triggers from there or ``trigger_sources``."""
         from services.encoding import EncodingServiceConfig, run_encoding_service
 
         for spec in self.specs:
@@ -377,7 +378,8 @@ class ClosedLoop:
                     continue
                 self.streams.append(key)
                 ecfg = EncodingServiceConfig(weights=str(self.p.weights[key]), activations=[spec.activations_endpoint],
-                                             bold=[self.bold], predictions=free_tcp_endpoint(), out_dir=str(self.out),
+                                             bold=[self.bold, *trigger_sources], predictions=free_tcp_endpoint(),
+                                             out_dir=str(self.out),
                                              out_stem=key, n_trs=n_trs)
                 ecfg.core.agent_id = spec.agent_id
                 ecfg.core.ignore_sibling_streams = True  # agents publish every condition and pooling on one socket
@@ -499,8 +501,10 @@ def run_live(plan: LivePlan, progress: Callable[[str], None] = print) -> dict:
     from services.scanner import FolderSource, SimulatedScannerConfig, publish_stream, run_simulated_scanner
 
     loop = ClosedLoop(plan.participant, plan.out, plan.agents, progress)
+    players = 1 if plan.dashboard_port is not None else 0  # the dashboard joins as controller "human"
     loop.start_emulator(EmulatorConfig(game=GameSettings(game=plan.game), mode="realtime", controller="human",
-                                       duration_s=plan.duration_s, heartbeat_s=2.0))
+                                       duration_s=plan.duration_s, heartbeat_s=2.0,
+                                       wait_for_clients=len(loop.specs) + players))
     from encoders.weights import EncodingWeights
 
     tr = EncodingWeights.load(next(iter(plan.participant.weights.values()))).tr
@@ -513,7 +517,7 @@ def run_live(plan: LivePlan, progress: Callable[[str], None] = print) -> dict:
             bold=str(plan.simulate), folder=str(plan.scanner_folder), trigger_endpoint=triggers), stop=loop.stop),
             "scanner-simulated")
         loop.thread(lambda: _forward_triggers(triggers, loop.control, loop.stop), "trigger-bridge")
-    loop.start_encoders(None)
+    loop.start_encoders(None, trigger_sources=(loop.frames,))  # the emulator re-publishes the triggers it records
     loop.start_dashboard(plan.dashboard_port, play=True, on_url=plan.on_dashboard or progress)
     loop.start_agents()
     progress(f"live: {plan.game} for {plan.duration_s:.0f} s; watching {plan.scanner_folder}")

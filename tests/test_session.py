@@ -76,3 +76,19 @@ def test_demo_json_runs_the_live_loop_and_writes_a_report(participant, tmp_path)
     assert "data:image/png;base64," in html and "vlm-0" in html
     latency = json.loads((out / "run" / "latency.json").read_text())
     assert np.median(latency["vlm-0"]["action"]) > 0
+
+
+def test_live_with_a_simulated_scanner_scores_trs_and_records_triggers(participant, tmp_path):
+    from services.recording import read_recording
+    from services.session import LivePlan, run_live
+
+    port = int(free_tcp_endpoint().rsplit(":", 1)[1])
+    plan = LivePlan(participant, tmp_path / "export", tmp_path / "live", duration_s=14.0,
+                    simulate=participant.runs[-1]["bold"], dashboard_port=port, on_dashboard=lambda url: None)
+    summary = run_live(plan, progress=lambda m: None)
+    rec = read_recording(tmp_path / "live" / "session.narec")
+    assert len(rec.triggers) >= 5  # forwarded from the scanner, recorded on the emulator clock
+    assert {a["agent_id"] for a in summary["agents"] if a["decisions"] > 0} == {"rl-0", "vlm-0"}
+    for stream, enc in summary["encoders"].items():
+        assert enc["trs_predicted"] >= 3 and enc["trs_scored"] >= 3, (stream, enc)
+    assert (tmp_path / "live" / "report.html").exists()
