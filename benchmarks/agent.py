@@ -7,7 +7,9 @@ frame's publish time (``Frame.t_ns``) — transport, decoding, the keep-newest h
 image processing, forward, scoring, activation publishing and the Action's trip back.
 
 Floor: the same model object in the same agent process, run bare on the very frames the service
-decided on: image processing + forward + label scoring (``backend.run`` + softmax). The agent
+decided on: image processing + forward + label scoring (``backend.run`` + softmax). With
+``backend="vllm"`` the model is a vLLM engine (in the agent process, or a ``vllm serve`` at ``vllm_url``)
+and the floor is ``VllmBackend.run`` on it: the same requests, activations included. The agent
 alternates blocks of service decisions and bare runs (``Interleave``) so both see the same load.
 
 Prints a table, then one JSON line with ``overhead_ratio`` = service p50 / bare p50 (target ≤ 1.15).
@@ -38,9 +40,12 @@ class Interleave:
     background traffic) on a stored frame of the previous service block, and returns no decision.
     """
 
-    def __init__(self, agent, block: int = BLOCK):
+    def __init__(self, agent, block: int = BLOCK, content_cached: bool = False):
         self.inner, self.name, self.conditions = agent, agent.name, agent.conditions
         self.block = block
+        self.content_cached = content_cached
+        """The backend caches work by image content (vLLM: processed inputs, encoder outputs, prefix KV by
+        hash): the bare re-run then gets a copy with one pixel's low bit flipped — same cost, new hash."""
         self.pending: list = []
         self.bare_ms: list[float] = []
         self.bare_seqs: list[int] = []
@@ -49,6 +54,9 @@ class Interleave:
 
     def reset(self) -> None:
         self.inner.reset()
+
+    def close(self) -> None:
+        self.inner.close()
 
     def infer(self, obs):
         from agents.prompts import label_probs
@@ -64,7 +72,11 @@ class Interleave:
         meanings = tuple(obs.action_meanings)
         prompts, labels = agent.prompts(1, meanings), agent.labels(meanings).token_ids
         t0 = time.perf_counter()
-        fwd = agent.backend.run([frame.pixels], prompts, labels, agent.layers, tuple(agent.cfg.poolings))
+        pixels = frame.pixels
+        if self.content_cached:
+            pixels = pixels.copy()
+            pixels.flat[0] ^= 1
+        fwd = agent.backend.run([pixels], prompts, labels, agent.layers, tuple(agent.cfg.poolings))
         label_probs(fwd.label_logits)
         self.bare_ms.append((time.perf_counter() - t0) * 1e3)
         self.bare_seqs.append(frame.seq)
@@ -73,16 +85,36 @@ class Interleave:
 
 
 def _service_process(model: str, conditions: list[str], frames: str, control: str, activations: str,
-                     seconds: float, results) -> None:
-    from agents.vlm import VLMAgent, VLMConfig
+                     seconds: float, results, backend: str = "transformers", vllm_url: str | None = None) -> None:
+    from agents.vlm import VLMAgent, VLMConfig, build_backend
     from services.agent import AgentService, AgentServiceConfig
 
-    agent = Interleave(VLMAgent(VLMConfig(model=model, conditions=conditions)))
-    service = AgentService(agent, AgentServiceConfig(agent_id="bench-vlm", role="controller", frames_endpoint=frames,
-                                                     control_endpoint=control, activations_endpoint=activations,
-                                                     duration_s=seconds))
-    summary = service.run()
-    results.put({"summary": summary, "bare_ms": agent.bare_ms, "bare_seqs": agent.bare_seqs})
+    cfg = VLMConfig(model=model, conditions=conditions)
+    agent = Interleave(VLMAgent(cfg, build_backend(cfg, backend, vllm_url=vllm_url)), content_cached=backend == "vllm")
+    try:
+        service = AgentService(agent, AgentServiceConfig(agent_id="bench-vlm", role="controller",
+                                                         frames_endpoint=frames, control_endpoint=control,
+                                                         activations_endpoint=activations, duration_s=seconds))
+        summary = service.run()
+        results.put({"summary": summary, "bare_ms": agent.bare_ms, "bare_seqs": agent.bare_seqs})
+    finally:
+        agent.close()  # shuts an in-process vLLM engine down
+
+
+def _wait_result(proc, results, timeout_s: float) -> dict:
+    """The agent process's result; a process that died (e.g. its engine failed to start) fails fast."""
+    import queue
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return results.get(timeout=2.0)
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the agent process exited with {proc.exitcode} before reporting") from None
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise TimeoutError(f"no result from the agent process after {timeout_s:.0f} s") from None
 
 
 def _pcts(ms: list[float]) -> tuple[float, float]:
@@ -90,7 +122,13 @@ def _pcts(ms: list[float]) -> tuple[float, float]:
 
 
 def main(model: str | None = None, seconds: float = 20.0, conditions: str = "action",
-         game: str = "ALE/Pong-v5") -> dict:
+         game: str = "ALE/Pong-v5", backend: str = "transformers", vllm_url: str | None = None) -> dict:
+    """``backend="vllm"``: the engine runs in the agent process (no ``vllm_url``) or at ``vllm_url``; the
+    floor is then ``VllmBackend.run`` (the same engine, same requests) + softmax."""
+    if backend == "vllm":
+        from agents.vllm_backend import require_vllm
+
+        require_vllm(remote=bool(vllm_url))  # before starting anything: clear advice, no traceback
     from services.emulator import Emulator, EmulatorConfig
     from services.game import GameSettings
     from services.recording import read_recording
@@ -112,11 +150,13 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
         emu.ready.wait(30)
         spawn = mp.get_context("spawn")
         results = spawn.Queue()
+        in_process_engine = backend == "vllm" and not vllm_url  # its engine core is a child: not daemonic
         proc = spawn.Process(target=_service_process,
-                             args=(model, conds, frames_ep, control_ep, act_ep, seconds, results), daemon=True)
+                             args=(model, conds, frames_ep, control_ep, act_ep, seconds, results, backend, vllm_url),
+                             daemon=not in_process_engine)
         proc.start()
-        out = results.get(timeout=seconds + 180)
-        proc.join(30)
+        out = _wait_result(proc, results, seconds + (400 if backend == "vllm" else 180))  # + model/engine start
+        proc.join(60)
         emu.stop()
         emu_thread.join(30)
         rec = read_recording(summary_box["s"].record_path)
@@ -140,7 +180,7 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"agent decision latency, conditions {conds}, {len(seqs)} decisions / {len(bare_ms)} bare "
+    table = Table(title=f"agent decision latency ({backend}), conditions {conds}, {len(seqs)} decisions / {len(bare_ms)} bare "
                         f"runs on the same frames, interleaved in blocks of {BLOCK}")
     for col in ("path", "p50 ms", "p99 ms"):
         table.add_column(col)
@@ -149,12 +189,17 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
     table.add_row("bare backend.run + softmax (floor)", f"{bare50:.2f}", f"{bare99:.2f}")
     Console().print(table)
     result = {
-        "bench": "agent", "model": "tiny-qwen2.5-vl" if "tiny" in model else model, "conditions": conds,
+        "bench": "agent", "backend": backend, "vllm": ("remote" if vllm_url else "in-process") if backend == "vllm" else None,
+        "model": "tiny-qwen2.5-vl" if "tiny" in model else model, "conditions": conds,
         "decisions": len(seqs), "bare_runs": len(bare_ms), "bare_frames_also_decided": same,
         "service_p50_ms": round(svc50, 3), "service_p99_ms": round(svc99, 3),
         "service_internal_p50_ms": round(internal50, 3),
         "bare_p50_ms": round(bare50, 3), "bare_p99_ms": round(bare99, 3),
         "overhead_ratio": round(svc50 / bare50, 3), "overhead_ratio_p99": round(svc99 / bare99, 3),
+        # Decision start minus the frame's emulator time: a model slower than the frame period picks up the
+        # newest frame, which has waited on average half a period (8 ms at 60 fps) — part of service_p50_ms.
+        "service_frame_age_p50_ms": round(service_summary["frame_age_p50_ms"], 3),
+        "service_stage_mean_ms": {k: round(v, 3) for k, v in service_summary["stage_mean_ms"].items()},
         "stale_skipped": service_summary["stale_skipped"],
         "activations": sum(c["activations"] for c in service_summary["conditions"].values()),
         "cpu": platform.processor() or platform.machine(), "torch_threads": 1,

@@ -37,6 +37,15 @@ class AgentSpec:
     added_latency_s: float = 0.0
     """Extra sleep per decision (emulates a slower model)."""
     activations_endpoint: str = ""
+    backend: str = "transformers"
+    """VLM runtime: ``transformers`` or ``vllm`` (in the agent's process, or at ``vllm_url``)."""
+    vllm_url: str = ""
+    """vLLM: ``http://host:port`` of a ``vllm serve`` ('' = engine in the agent's process)."""
+
+    @property
+    def starts_engine_process(self) -> bool:
+        """An in-process vLLM engine runs its core in a child process (so the agent's may not be daemonic)."""
+        return self.kind == "vlm" and self.backend == "vllm" and not self.vllm_url
 
 
 def build_agent(spec: AgentSpec, game: str):
@@ -48,9 +57,10 @@ def build_agent(spec: AgentSpec, game: str):
 
         agent = RLAgent(RLConfig(checkpoint=spec.model or None, game=game))
     elif spec.kind == "vlm":
-        from agents.vlm import VLMAgent, VLMConfig
+        from agents.vlm import VLMAgent, VLMConfig, build_backend
 
-        agent = VLMAgent(VLMConfig(model=spec.model, conditions=list(spec.conditions)))
+        cfg = VLMConfig(model=spec.model, conditions=list(spec.conditions))
+        agent = VLMAgent(cfg, build_backend(cfg, spec.backend, vllm_url=spec.vllm_url or None))
         if spec.frame_window > 1:
             agent = FrameWindow(agent, k=spec.frame_window, span_s=spec.window_s)
     else:
@@ -63,6 +73,7 @@ def build_agent(spec: AgentSpec, game: str):
 def _agent_process(spec: AgentSpec, game: str, frames: str, control: str, ready, stop, results) -> None:
     from services.agent import AgentService, AgentServiceConfig
 
+    agent = None
     try:
         agent = build_agent(spec, game)
         service = AgentService(agent, AgentServiceConfig(
@@ -74,6 +85,9 @@ def _agent_process(spec: AgentSpec, game: str, frames: str, control: str, ready,
     except Exception as err:  # report instead of dying silently
         ready.set()
         results.put((spec.agent_id, {"error": f"{type(err).__name__}: {err}"}))
+    finally:
+        if agent is not None and hasattr(agent, "close"):
+            agent.close()  # shuts an in-process vLLM engine down
 
 
 def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_dir: str | None = None,
@@ -110,7 +124,7 @@ def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_d
         for spec in agents:
             ready = spawn.Event()
             p = spawn.Process(target=_agent_process, args=(spec, game, frames, control, ready, stop, results),
-                              name=spec.agent_id, daemon=True)
+                              name=spec.agent_id, daemon=not spec.starts_engine_process)
             p.start()
             procs.append(p)
             readies.append(ready)
@@ -130,8 +144,8 @@ def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_d
                 summaries[agent_id] = summary
             except Exception:
                 break
-        for p in procs:
-            p.join(10)
+        for p, spec in zip(procs, agents):
+            p.join(60 if spec.starts_engine_process else 10)  # vLLM shuts its engine core down first
             if p.is_alive():
                 p.terminate()
         emulator.stop()
