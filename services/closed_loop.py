@@ -90,6 +90,45 @@ def _agent_process(spec: AgentSpec, game: str, frames: str, control: str, ready,
             agent.close()  # shuts an in-process vLLM engine down
 
 
+class AgentProcesses:
+    """Agent services, each in its own spawned process (a model per process, 1 torch thread), so a slow
+    model never holds the GIL of the emulator or of another agent. Started on construction."""
+
+    def __init__(self, specs: list[AgentSpec], game: str, frames: str, control: str):
+        ctx = mp.get_context("spawn")
+        self.specs = specs
+        self._stop, self._results = ctx.Event(), ctx.Queue()
+        self._readies = [ctx.Event() for _ in specs]  # referenced until the children have unpickled them
+        self._procs = []
+        for spec, ready in zip(specs, self._readies):
+            proc = ctx.Process(target=_agent_process, args=(spec, game, frames, control, ready, self._stop,
+                                                            self._results),
+                               name=spec.agent_id, daemon=not spec.starts_engine_process)
+            proc.start()
+            self._procs.append(proc)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        t_end = time.monotonic() + timeout_s
+        for ready in self._readies:
+            ready.wait(max(0.0, t_end - time.monotonic()))
+
+    def stop(self) -> dict[str, dict]:
+        """Stop every service; return each agent's summary (an ``error`` entry for a process that died)."""
+        self._stop.set()
+        summaries = {}
+        for _ in self._procs:
+            try:
+                agent_id, summary = self._results.get(timeout=30)
+                summaries[agent_id] = summary
+            except Exception:
+                break
+        for proc, spec in zip(self._procs, self.specs):
+            proc.join(60 if spec.starts_engine_process else 10)  # vLLM shuts its engine core down first
+            if proc.is_alive():
+                proc.terminate()
+        return summaries
+
+
 def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_dir: str | None = None,
                     agents: list[AgentSpec] | None = None, startup_timeout_s: float = 120.0) -> dict:
     """Start emulator + agents on loopback, run ``duration_s`` once all agents joined, return the summary.
@@ -118,36 +157,14 @@ def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_d
         emu_thread = threading.Thread(target=lambda: emu_result.update(summary=emulator.run()), daemon=True)
         emu_thread.start()
         emulator.ready.wait(30)
-        spawn = mp.get_context("spawn")
-        stop, results = spawn.Event(), spawn.Queue()
-        procs, readies = [], []
-        for spec in agents:
-            ready = spawn.Event()
-            p = spawn.Process(target=_agent_process, args=(spec, game, frames, control, ready, stop, results),
-                              name=spec.agent_id, daemon=not spec.starts_engine_process)
-            p.start()
-            procs.append(p)
-            readies.append(ready)
-        t_wait = time.monotonic() + startup_timeout_s
-        for ready in readies:
-            ready.wait(max(0.0, t_wait - time.monotonic()))
+        pool = AgentProcesses(agents, game, frames, control)
+        pool.wait_ready(startup_timeout_s)
         steps_at_start = emulator.steps
         t0 = time.monotonic()
         time.sleep(duration_s)
         run_s = time.monotonic() - t0
         steps_in_run = emulator.steps - steps_at_start
-        stop.set()
-        summaries = {}
-        for _ in procs:
-            try:
-                agent_id, summary = results.get(timeout=30)
-                summaries[agent_id] = summary
-            except Exception:
-                break
-        for p, spec in zip(procs, agents):
-            p.join(60 if spec.starts_engine_process else 10)  # vLLM shuts its engine core down first
-            if p.is_alive():
-                p.terminate()
+        summaries = pool.stop()
         emulator.stop()
         emu_thread.join(10)
         emu = emu_result.get("summary")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing as mp
 import shutil
 import threading
 import time
@@ -400,19 +399,9 @@ class ClosedLoop:
             on_url(self.dashboard.url)
 
     def start_agents(self) -> None:
-        from services.closed_loop import _agent_process
+        from services.closed_loop import AgentProcesses
 
-        ctx = mp.get_context("spawn")
-        self._agent_stop, self._results = ctx.Event(), ctx.Queue()
-        self._procs, self._readies = [], []  # events stay referenced until the children unpickled them
-        game = self.emulator.game.settings.game
-        for spec in self.specs:
-            self._readies.append(ctx.Event())
-            proc = ctx.Process(target=_agent_process, args=(spec, game, self.frames, self.control, self._readies[-1],
-                                                            self._agent_stop, self._results),
-                               name=spec.agent_id, daemon=True)
-            proc.start()
-            self._procs.append(proc)
+        self.agents = AgentProcesses(self.specs, self.emulator.game.settings.game, self.frames, self.control)
 
     def wait_emulator(self, grace_s: float) -> None:
         self._emu_thread.join()
@@ -424,18 +413,7 @@ class ClosedLoop:
         from services.closed_loop import _report
 
         self.stop.set()
-        self._agent_stop.set()
-        summaries = {}
-        for _ in self._procs:
-            try:
-                agent_id, summary = self._results.get(timeout=30)
-                summaries[agent_id] = summary
-            except Exception:
-                break
-        for proc in self._procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
+        summaries = self.agents.stop()
         if self.dashboard is not None:
             self.dashboard.stop()
         for t in self.threads:
