@@ -21,10 +21,11 @@ import numpy as np
 import zmq
 
 from agents.base import Agent, Decision, FatalAgentError, FrameRef, Observation
-from protocols import Activation, Frame
+from protocols import Activation, Frame, Status
 from services.client import GameClient
+from services.security import CurveConfig, ServerSecurity, check_bind
 from services.transport import (
-    DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, Channel, make_socket,
+    DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, TOPIC_HEARTBEAT, Channel, make_socket,
 )
 
 log = logging.getLogger("neuroarcade.agent")
@@ -50,6 +51,13 @@ class AgentServiceConfig:
     """How long to wait for the first Welcome."""
     frame_timeout_ms: int = 200
     """Poll interval for frames (the stop flag is checked this often)."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (None = off; 0 = any free port)."""
+    status_s: float = 1.0
+    """Publish a Status (topic ``heartbeat``) on the activation PUB this often."""
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    """CURVE keys: our key pair, the emulator's public key (as client) and the allow-list of
+    subscribers to our activation PUB (as server). Required when any endpoint is off loopback."""
 
 
 @dataclass
@@ -91,6 +99,10 @@ class _Mailbox:
                 self._skipped.append(self._item.frame)
             self._item = item
             self._cond.notify()
+
+    def depth(self) -> int:
+        """Frames waiting (0 or 1: the mailbox holds one)."""
+        return int(self._item is not None)
 
     def take(self, timeout_s: float) -> _Pending | None:
         with self._cond:
@@ -134,20 +146,35 @@ class AgentService:
         self._mailbox = _Mailbox()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_addr = f"inproc://agent-wake-{id(self)}"
+        self._client: GameClient | None = None
+        self.metrics_port: int | None = None
+        """Port the metrics server listens on (set once running with ``metrics_port``)."""
+        self._security: ServerSecurity | None = None
+        """CURVE for the activation PUB (set in ``run`` when we publish)."""
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def run(self) -> dict:
         cfg = self.cfg
+        if cfg.activations_endpoint:  # refuse an exposed PUB without keys before joining the game
+            check_bind(cfg.activations_endpoint, cfg.curve)
+            self._security = ServerSecurity(self.ctx, cfg.curve)
         client = GameClient(cfg.agent_id, role=cfg.role, frames_endpoint=cfg.frames_endpoint,
                             control_endpoint=cfg.control_endpoint, model=self.agent.name,
-                            conditions=[c for c in self.agent.conditions if c], ctx=self.ctx)
+                            conditions=[c for c in self.agent.conditions if c], ctx=self.ctx, curve=cfg.curve)
         wake_rx = self.ctx.socket(zmq.PAIR)
         wake_rx.bind(self._wake_addr)
         decider = threading.Thread(target=self._decision_loop, name=f"{cfg.agent_id}-decide", daemon=True)
         t_start = time.monotonic()
+        self._client = client
+        metrics_server = None
         try:
+            if cfg.metrics_port is not None:
+                from services.metrics import serve_metrics
+
+                metrics_server, _ = serve_metrics("agent", self.snapshot, cfg.metrics_port)
+                self.metrics_port = metrics_server.server_port
             client.join(timeout_s=cfg.join_timeout_s)
             decider.start()  # sets ``ready`` once the activation socket is bound
             self._io_loop(client, wake_rx, t_start)
@@ -158,6 +185,10 @@ class AgentService:
             self._send_actions(client)
             client.close()
             wake_rx.close(linger=0)
+            if self._security is not None:
+                self._security.close()
+            if metrics_server is not None:
+                metrics_server.shutdown()
         if self.fatal is not None:
             raise self.fatal
         return self.summary(client, time.monotonic() - t_start)
@@ -206,10 +237,14 @@ class AgentService:
         try:
             if self.cfg.activations_endpoint:
                 pub = Channel(make_socket(self.ctx, zmq.PUB))
-                pub.sock.bind(self.cfg.activations_endpoint)
+                self._security.bind(pub.sock, self.cfg.activations_endpoint)
             self.ready.set()
             session = None
+            next_status = time.monotonic()
             while not self.stop_event.is_set():
+                if pub is not None and time.monotonic() >= next_status:
+                    next_status = time.monotonic() + self.cfg.status_s
+                    self._publish_status(pub, session or "")
                 item = self._mailbox.take(timeout_s=0.1)
                 if item is None:
                     continue
@@ -272,6 +307,48 @@ class AgentService:
             except zmq.Again:
                 continue
             self.stats.setdefault(a.condition, _ConditionStats()).activations += 1
+
+    def _publish_status(self, pub: Channel, session: str) -> None:
+        """Liveness + counters on our PUB (topic ``heartbeat``), as the emulator does on its own."""
+        client = self._client
+        st = client.stats if client is not None else None
+        status = Status(service="agent", session_id=session, t_ns=time.monotonic_ns(),
+                        seq=self.decided_seqs[-1] if self.decided_seqs else -1, steps=self.decisions,
+                        received=st.frames_received if st else 0, sent=st.actions_sent if st else 0,
+                        rejected=client._sub_channel.counters.rejected if client is not None else 0,
+                        clients={self.cfg.agent_id: client.role if client is not None else self.cfg.role})
+        try:
+            pub.send(status, topic=TOPIC_HEARTBEAT, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def snapshot(self) -> dict:
+        """Counters and gauges for Prometheus (read from the metrics thread: copies of plain numbers)."""
+        client = self._client
+        st = client.stats if client is not None else None
+        stats = list(self.stats.items())  # the decision thread may add a condition meanwhile
+        recent = {c: list(s.latencies_ns[-1000:]) for c, s in stats}
+        ages = self.frame_ages_ns[-1000:]
+        return {
+            "counters": {
+                "frames_received": st.frames_received if st else 0,
+                "frames_skipped": (st.frames_skipped if st else 0) + self._mailbox.replaced,
+                "frames_rejected": client._sub_channel.counters.rejected if client is not None else 0,
+                "decisions": self.decisions, "actions_sent": st.actions_sent if st else 0,
+                "activations_published": {c or "-": s.activations for c, s in stats},
+                "illegal_actions": self.illegal, "errors": len(self.errors) + (len(st.errors) if st else 0),
+                "rejoins": st.rejoins if st else 0,
+            },
+            "gauges": {
+                "decision_latency_p50_ms": {c or "-": _pct(v, 50) for c, v in recent.items()},
+                "decision_latency_p99_ms": {c or "-": _pct(v, 99) for c, v in recent.items()},
+                "frame_age_p50_ms": _pct(ages, 50), "frame_age_max_ms": max(ages) / 1e6 if ages else 0.0,
+                "mailbox_depth": self._mailbox.depth(), "outbox_depth": self._outbox.qsize(),
+                "joined": 1 if client is not None and client.welcome is not None else 0,
+            },
+            "labels": {"activations_published": "condition", "decision_latency_p50_ms": "condition",
+                       "decision_latency_p99_ms": "condition"},
+        }
 
     def summary(self, client: GameClient, duration_s: float) -> dict:
         per = {}

@@ -18,7 +18,8 @@ browser's held keys map to (arrows + space, named as in the game's ``action_mean
 
 Access: on a loopback host the page is open; on any other host a token is required (query
 ``?token=``, header ``X-Neuroarcade-Token`` or ``Authorization: Bearer``; the page then keeps it
-in a cookie).
+in a cookie). Every ZeroMQ connection is a CURVE client when ``curve`` keys are given; a
+non-loopback endpoint without them is refused at construction (``SecurityError``).
 
 Agents' decisions: ``Action`` messages go to the emulator's ROUTER, which the dashboard cannot
 see. If an agent also publishes its ``Action`` on its activation PUB under topic ``action``,
@@ -48,6 +49,7 @@ from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconn
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from protocols import Action, Activation, BoldVolume, Decoder, Frame, Prediction, Status, Trigger
+from services.security import CurveConfig, SecurityError, check_connect, secure_connect
 from services.transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_HEARTBEAT, TOPIC_PREDICTION,
     TOPIC_TRIGGER, Channel, make_socket, split_topic,
@@ -98,6 +100,9 @@ class DashboardConfig:
     """State snapshots (agents, predictions, TR clock) pushed per second at most."""
     history_trs: int = 150
     """TRs of predicted/measured time courses kept per stream."""
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    """CURVE client keys: our key pair and the servers' public keys (a file, or a folder of
+    HOST.key files). Required when any endpoint is off loopback."""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -114,6 +119,13 @@ def check_access(cfg: DashboardConfig) -> None:
     if not cfg.token and not is_loopback_host(cfg.host):
         raise ValueError(f"the dashboard listens on {cfg.host}, which is not loopback: give --token "
                          "(browsers then open http://HOST:PORT/?token=...)")
+
+
+def check_endpoints(cfg: DashboardConfig) -> None:
+    """Refuse (``SecurityError``) to connect to a non-loopback endpoint without CURVE keys."""
+    for ep in [cfg.frames, cfg.control, *cfg.activations, *cfg.bold, *cfg.predictions]:
+        if ep:
+            check_connect(ep, cfg.curve)
 
 
 # --- keyboard → game action -----------------------------------------------------------------------
@@ -357,7 +369,7 @@ class Subscriber:
             s = make_socket(self.ctx, zmq.SUB, hwm=4, linger_ms=0)
             for topic in (TOPIC_FRAME, TOPIC_HEARTBEAT):
                 s.setsockopt(zmq.SUBSCRIBE, topic)
-            s.connect(cfg.frames)
+            secure_connect(s, cfg.frames, cfg.curve)
             channels.append(Channel(s, Decoder([Frame, Status])))
         data_eps = [*cfg.activations, *cfg.bold, *cfg.predictions]
         if data_eps:
@@ -365,7 +377,7 @@ class Subscriber:
             for topic in (TOPIC_ACTIVATION, TOPIC_ACTION, TOPIC_BOLD, TOPIC_TRIGGER, TOPIC_PREDICTION, TOPIC_HEARTBEAT):
                 s.setsockopt(zmq.SUBSCRIBE, topic)
             for ep in data_eps:
-                s.connect(ep)
+                secure_connect(s, ep, cfg.curve)
             channels.append(Channel(s, Decoder([Activation, Action, BoldVolume, Trigger, Prediction, Status])))
         poller = zmq.Poller()
         for ch in channels:
@@ -426,7 +438,7 @@ class Subscriber:
         dealer = make_socket(self.ctx, zmq.DEALER, linger_ms=100)
         ch = Channel(dealer, Decoder([Welcome]))
         try:
-            dealer.connect(self.cfg.control)
+            secure_connect(dealer, self.cfg.control, self.cfg.curve)
             ch.send(Hello(client_id="dashboard", role="observer", model="dashboard"))
             if dealer.poll(1000):
                 w = ch.decode(ch.recv_parts())
@@ -435,7 +447,7 @@ class Subscriber:
                                              "session_id": w.session_id, "step_hz": w.step_hz,
                                              "frameskip": w.frameskip, "sticky": w.repeat_action_probability})
                     ch.send(Bye(client_id="dashboard"))
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, SecurityError) as e:
             log.warning("dashboard: could not ask the emulator for game info: %s", e)
         finally:
             dealer.close(linger=100)
@@ -474,7 +486,7 @@ class KeyboardPlayer:
 
         self.state.on_play(enabled=True, client_id=self.client_id, role="joining", buttons=[], action=None)
         client = GameClient(self.client_id, role="controller", frames_endpoint=self.cfg.frames,
-                            control_endpoint=self.cfg.control, model="keyboard", ctx=self.ctx)
+                            control_endpoint=self.cfg.control, model="keyboard", ctx=self.ctx, curve=self.cfg.curve)
         try:
             while not self.stop_event.is_set():
                 try:
@@ -687,6 +699,7 @@ class Dashboard:
 
     def __init__(self, cfg: DashboardConfig, ctx: zmq.Context | None = None):
         check_access(cfg)
+        check_endpoints(cfg)
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         self.state = LiveState(cfg.history_trs)

@@ -33,6 +33,7 @@ from encoders.align import TrAligner
 from encoders.stream import OnlinePredictor
 from encoders.weights import EncodingWeights, WeightsError, roi_table
 from protocols import Activation, BoldVolume, Prediction, Trigger
+from services.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
 
 log = logging.getLogger("neuroarcade.encoding")
 
@@ -317,6 +318,9 @@ class EncodingServiceConfig:
     """Publish a Status (topic ``heartbeat``) on the prediction PUB this often."""
     keep_stamps: int = 0
     """Keep receipt time stamps of the last N activations and volumes, for ``bench e2e`` (0 = none)."""
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    """CURVE keys: our key pair, the agents' and scanner's public keys (as client) and the allow-list
+    of subscribers to our prediction PUB (as server). Required when any endpoint is off loopback."""
 
 
 @dataclass
@@ -348,18 +352,29 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
                                     Channel, make_socket, split_topic)
 
     stop = stop or threading.Event()
+    for ep in [*cfg.activations, *cfg.bold]:  # exposed endpoints without keys: refused before any work
+        check_connect(ep, cfg.curve)
+    if cfg.predictions:
+        check_bind(cfg.predictions, cfg.curve)
     core = EncodingCore(EncodingWeights.load(cfg.weights), cfg.core)
     ctx = ctx or zmq.Context.instance()
+    security = ServerSecurity(ctx, cfg.curve) if cfg.predictions else None
     sub = make_socket(ctx, zmq.SUB, hwm=10_000)
     for topic in (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_TRIGGER):
         sub.setsockopt(zmq.SUBSCRIBE, topic)
     for ep in [*cfg.activations, *cfg.bold]:
-        sub.connect(ep)
+        secure_connect(sub, ep, cfg.curve)
     inbox = Channel(sub, Decoder(accept=[Activation, BoldVolume, Trigger]))
     pub = None
     if cfg.predictions:
         pub = Channel(make_socket(ctx, zmq.PUB))
-        pub.sock.bind(cfg.predictions)
+        try:
+            security.bind(pub.sock, cfg.predictions)
+        except Exception:
+            pub.sock.close(0)
+            sub.close(0)
+            security.close()
+            raise
     from collections import deque
 
     stamps: deque = deque(maxlen=cfg.keep_stamps)  # bounded: appending costs ~100 ns, nothing when 0
@@ -439,6 +454,8 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
         sub.close()
         if pub is not None:
             pub.sock.close()
+        if security is not None:
+            security.close()
         if metrics_server is not None:
             metrics_server.shutdown()
     outputs = [str(p) for p in core.write_outputs(cfg.out_dir, cfg.out_stem)] if cfg.out_dir else []

@@ -33,6 +33,7 @@ import numpy as np
 import zmq
 
 from protocols import BoldVolume, Trigger
+from services.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
 from services.transport import TOPIC_BOLD, TOPIC_TRIGGER, Channel, make_socket
 
 log = logging.getLogger("neuroarcade.scanner")
@@ -344,12 +345,24 @@ class FolderSource:
 
 
 class TriggerPublisher:
-    """XPUB socket publishing typed messages; ``wait_for_subscribers`` avoids slow-joiner losses."""
+    """XPUB socket publishing typed messages; ``wait_for_subscribers`` avoids slow-joiner losses.
 
-    def __init__(self, ctx: zmq.Context, endpoint: str):
+    With ``curve`` keys it is a CURVE server admitting only allow-listed subscribers; without, it
+    binds loopback endpoints only (``SecurityError`` otherwise).
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, curve: CurveConfig | None = None):
+        curve = curve or CurveConfig()
+        check_bind(endpoint, curve)
+        self.security = ServerSecurity(ctx, curve)
         self.sock = make_socket(ctx, zmq.XPUB)
         self.sock.setsockopt(zmq.XPUB_VERBOSE, 1)  # pass on every subscriber's subscription, not only the first
-        self.sock.bind(endpoint)
+        try:
+            self.security.bind(self.sock, endpoint)
+        except Exception:
+            self.sock.close(0)
+            self.security.close()
+            raise
         self.channel = Channel(self.sock)
         self.subscriptions: list[bytes] = []
 
@@ -370,6 +383,7 @@ class TriggerPublisher:
 
     def close(self) -> None:
         self.sock.close()
+        self.security.close()
 
 
 @dataclass
@@ -392,6 +406,8 @@ class SimulatedScannerConfig:
     """Wait for this many trigger subscribers before starting (0 = start at once)."""
     skip: tuple[int, ...] = ()
     """TR indices never written (to exercise missing-volume handling)."""
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    """CURVE keys of the trigger publisher (key pair + allow-list); required off loopback."""
 
 
 def run_simulated_scanner(cfg: SimulatedScannerConfig, ctx: zmq.Context | None = None,
@@ -405,7 +421,8 @@ def run_simulated_scanner(cfg: SimulatedScannerConfig, ctx: zmq.Context | None =
     n = img.shape[3] if cfg.n_volumes is None else min(cfg.n_volumes, img.shape[3])
     folder = Path(cfg.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pub = TriggerPublisher(ctx or zmq.Context.instance(), cfg.trigger_endpoint) if cfg.trigger_endpoint else None
+    pub = (TriggerPublisher(ctx or zmq.Context.instance(), cfg.trigger_endpoint, cfg.curve)
+           if cfg.trigger_endpoint else None)
     written = []
     try:
         if pub is not None and cfg.wait_subscribers:
@@ -441,9 +458,9 @@ def to_message(vol: ScanVolume) -> BoldVolume:
 
 
 def publish_stream(source, endpoint: str, ctx: zmq.Context | None = None, wait_subscribers: int = 0,
-                   wait_timeout_s: float = 10.0) -> int:
+                   wait_timeout_s: float = 10.0, curve: CurveConfig | None = None) -> int:
     """Publish every volume of ``source`` as BoldVolume on ``endpoint`` (XPUB bind); return the count."""
-    pub = TriggerPublisher(ctx or zmq.Context.instance(), endpoint)
+    pub = TriggerPublisher(ctx or zmq.Context.instance(), endpoint, curve)
     sent = 0
     try:
         if wait_subscribers and not pub.wait_for_subscribers(wait_subscribers, wait_timeout_s, topic=TOPIC_BOLD):
@@ -461,14 +478,14 @@ def publish_stream(source, endpoint: str, ctx: zmq.Context | None = None, wait_s
 
 def run_trigger_paced(bold: str | Path, trigger_endpoint: str, out_endpoint: str, *, stop: threading.Event,
                       ready: threading.Event | None = None, run: str | None = None, n_volumes: int | None = None,
-                      ctx: zmq.Context | None = None) -> int:
+                      ctx: zmq.Context | None = None, curve: CurveConfig | None = None) -> int:
     """Publish volume k of a recorded 4D run when trigger k+1 arrives (the scan of TR k is complete).
 
     For replays of a scanned session: the emulator re-emits the session's recorded triggers as it
     replays the frames, so the participant's measured volumes reach the encoder in step with the
     frames the agents see, exactly as in the scanner. The last volume goes out one TR after its
     trigger. Triggers are forwarded on ``out_endpoint`` too, so the encoder needs one BOLD source.
-    Returns the number of volumes published.
+    Returns the number of volumes published. ``curve``: keys for both sockets (required off loopback).
     """
     import nibabel as nib
 
@@ -480,11 +497,13 @@ def run_trigger_paced(bold: str | Path, trigger_endpoint: str, out_endpoint: str
     tr = float(img.header.get_zooms()[3] or 2.0)
     run = run or Path(bold).name.split("_bold")[0]
     ctx = ctx or zmq.Context.instance()
+    check_connect(trigger_endpoint, curve)
+    check_bind(out_endpoint, curve)
     sub = make_socket(ctx, zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, TOPIC_TRIGGER)
-    sub.connect(trigger_endpoint)
+    secure_connect(sub, trigger_endpoint, curve)
     inbox = Channel(sub, Decoder(accept=[Trigger]))
-    pub = TriggerPublisher(ctx, out_endpoint)
+    pub = TriggerPublisher(ctx, out_endpoint, curve)
     if ready is not None:
         ready.set()
     sent, pending = 0, None  # pending: (tr_index, deadline) of the newest trigger's volume

@@ -19,6 +19,22 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _vlm_backend(cfg, backend: str, vllm_url: str, vllm_transport: str, vllm_activations_dir: str):
+    """Build the VLM runtime; a missing vLLM install exits with its advice instead of a traceback."""
+    from agents.vlm import build_backend
+
+    try:
+        return build_backend(cfg, backend, vllm_url=vllm_url or None, vllm_transport=vllm_transport,
+                             vllm_activations_dir=vllm_activations_dir or None)
+    except RuntimeError as err:
+        from agents.vllm_backend import VllmUnavailable
+
+        if not isinstance(err, VllmUnavailable):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
 def agent(
     kind: str = typer.Option(..., help="rl or vlm."),
     model: str = typer.Option("", help="VLM: hub name or local dir (e.g. from `models build-tiny`)."),
@@ -32,6 +48,10 @@ def agent(
     rl_layers: str = typer.Option("penultimate", help="RL activations: penultimate,conv1,conv2,conv3."),
     device: str = typer.Option("cpu", help="torch device."),
     dtype: str = typer.Option("float32", help="VLM weights dtype (bfloat16 on GPU for 7B models)."),
+    backend: str = typer.Option("transformers", help="VLM runtime: transformers or vllm."),
+    vllm_url: str = typer.Option("", help="vLLM: http://host:port of a `vllm serve` ('' = engine in this process)."),
+    vllm_transport: str = typer.Option("shm", help="vLLM remote activations: shm (same host) or rpc (any host)."),
+    vllm_activations_dir: str = typer.Option("", help="vLLM remote + shm: directory shared with the server's worker."),
     activation_dtype: str = typer.Option("float16", help="float16 or float32 activations on the wire."),
     frame_window: int = typer.Option(1, help="Frames per VLM decision (paper: 4)."),
     window_s: float = typer.Option(1.5, help="Seconds the frame window spans."),
@@ -43,9 +63,28 @@ def agent(
     activations: str = typer.Option(DEFAULT_ACTIVATIONS, help="Endpoint our Activation PUB binds ('' = none)."),
     duration: Optional[float] = typer.Option(None, help="Seconds to run (default: until Ctrl-C)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port (127.0.0.1)."),
+    log_json: bool = typer.Option(False, help="Structured logs: one JSON object per line."),
+    curve_secret: str = typer.Option("", help="CURVE: our *.key_secret file (required off loopback)."),
+    curve_allow: str = typer.Option("", help="CURVE: folder of *.key files allowed to subscribe to our activations."),
+    curve_server_key: str = typer.Option("", help="CURVE: the emulator's *.key file, or a folder of HOST.key files."),
 ) -> None:
     """Run an RL or VLM/LAM agent against the emulator: act on the newest frame, publish activations."""
     import signal
+
+    from services.security import CurveConfig, SecurityError, preflight
+
+    curve = CurveConfig(secret_key=curve_secret, allowed_clients=curve_allow, server_public_key=curve_server_key)
+    try:  # before a model is loaded
+        preflight(curve, binds=[activations], connects=[frames, control])
+    except SecurityError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+    if log_json:
+        from services.metrics import setup_logging
+
+        setup_logging(verbose=True, json_logs=True)
 
     from agents.base import FrameWindow, RateLimiter, Recorder
     from services.agent import AgentService, AgentServiceConfig
@@ -56,13 +95,23 @@ def agent(
         built = RLAgent(RLConfig(checkpoint=checkpoint or None, algo=algo, game=game or None,
                                  activation_layers=tuple(_csv(rl_layers))))
     elif kind == "vlm":
-        from agents.vlm import VLMAgent, VLMConfig
+        from agents.vlm import BACKENDS, VLMAgent, VLMConfig
 
         if not model:
             raise typer.BadParameter("--model is required for --kind vlm")
-        built = VLMAgent(VLMConfig(model=model, conditions=_csv(conditions), prompts_file=prompts_file,
-                                   device=device, dtype=dtype, activation_dtype=activation_dtype,
-                                   layers=[int(x) for x in _csv(layers)] or None))
+        if backend not in BACKENDS:
+            raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}")
+        if vllm_transport not in ("shm", "rpc"):
+            raise typer.BadParameter("--vllm-transport must be shm or rpc")
+        vlm_cfg = VLMConfig(model=model, conditions=_csv(conditions), prompts_file=prompts_file,
+                            device=device, dtype=dtype, activation_dtype=activation_dtype,
+                            layers=[int(x) for x in _csv(layers)] or None)
+        runtime = _vlm_backend(vlm_cfg, backend, vllm_url, vllm_transport, vllm_activations_dir)
+        try:
+            built = VLMAgent(vlm_cfg, runtime)
+        except BaseException:
+            getattr(runtime, "close", lambda: None)()  # an in-process vLLM engine must not outlive a bad config
+            raise
         if frame_window > 1:
             built = FrameWindow(built, k=frame_window, span_s=window_s)
     else:
@@ -73,7 +122,7 @@ def agent(
         built = Recorder(built, record)
     service = AgentService(built, AgentServiceConfig(
         agent_id=agent_id or f"{kind}-0", role=role, frames_endpoint=frames, control_endpoint=control,
-        activations_endpoint=activations or None, duration_s=duration))
+        activations_endpoint=activations or None, duration_s=duration, metrics_port=metrics_port, curve=curve))
     signal.signal(signal.SIGINT, lambda *_: service.stop())
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     try:

@@ -29,18 +29,25 @@ def dashboard(
     weights: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                            help="Encoding weights: brain map from their mask and ROI labels."),
     max_fps: float = typer.Option(20.0, help="Frames pushed to each browser per second at most."),
+    curve_secret: str = typer.Option("", help="CURVE: our *.key_secret file (required for endpoints off loopback)."),
+    curve_server_key: str = typer.Option("", help="CURVE: the servers' *.key file, or a folder of HOST.key files "
+                                                  "(one per server host)."),
 ) -> None:
     """Live dashboard: game, agents' decisions, predicted vs measured BOLD per ROI, brain map, TR clock."""
     from services.dashboard import Dashboard, DashboardConfig
+    from services.security import CurveConfig, SecurityError
 
     cfg = DashboardConfig(frames=frames, control=control, activations=list(activations), bold=list(bold),
                           predictions=list(predictions), host=host, port=port, token=token, play=play,
                           atlas=str(atlas or ""), atlas_labels=str(atlas_labels or ""), weights=str(weights or ""),
-                          max_fps=max_fps)
+                          max_fps=max_fps, curve=CurveConfig(secret_key=curve_secret, server_public_key=curve_server_key))
     try:
         dash = Dashboard(cfg)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--token") from None
+    except SecurityError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"dashboard: open {dash.url}")
     dash.run()
 

@@ -183,6 +183,19 @@ def write_fit_reports(weights_path: Path, res, rows: list[dict], partition) -> l
     return written
 
 
+def _curve_or_exit(secret: str, allow: str = "", server_key: str = "", binds=(), connects=()):
+    """The command's CurveConfig, its endpoints checked first: exposed without keys = a clear error, exit 2."""
+    from services.security import CurveConfig, SecurityError, preflight
+
+    curve = CurveConfig(secret_key=secret, allowed_clients=allow, server_public_key=server_key)
+    try:
+        preflight(curve, binds=binds, connects=connects)
+    except SecurityError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    return curve
+
+
 def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
                  add_help_option=False, help=FIT_HELP + "\n\nRun `neuroarcade fit --help` for all flags.")
@@ -226,6 +239,8 @@ def register(app: typer.Typer) -> None:
         trigger_endpoint: str = typer.Option("tcp://127.0.0.1:5560", help="PUB endpoint for Trigger (simulated)."),
         n_volumes: Optional[int] = typer.Option(None, help="Stop after this many volumes."),
         wait_subscribers: int = typer.Option(0, help="Wait for this many subscribers before streaming."),
+        curve_secret: str = typer.Option("", help="CURVE: our *.key_secret file (required off loopback)."),
+        curve_allow: str = typer.Option("", help="CURVE: folder of *.key files allowed to subscribe."),
     ) -> None:
         """Stream BOLD volumes over ZMQ from a recorded run, a live export folder, or a simulated scanner."""
         import threading
@@ -235,6 +250,8 @@ def register(app: typer.Typer) -> None:
         from services.scanner import (FolderSource, RecordedSource, SimulatedScannerConfig, publish_stream,
                                       run_simulated_scanner)
 
+        curve = _curve_or_exit(curve_secret, curve_allow,
+                               binds=[endpoint, trigger_endpoint if source == "simulated" else ""])
         ctx = zmq.Context()
         if source == "recorded":
             if bold is None:
@@ -252,14 +269,14 @@ def register(app: typer.Typer) -> None:
                 tr = tr or float(nib.load(str(bold)).header.get_zooms()[3])
                 scfg = SimulatedScannerConfig(bold=str(bold), folder=str(folder), tr=tr, speed=speed or 1.0,
                                               n_volumes=n_volumes, trigger_endpoint=trigger_endpoint,
-                                              wait_subscribers=wait_subscribers)
+                                              wait_subscribers=wait_subscribers, curve=curve)
                 sim = threading.Thread(target=run_simulated_scanner, args=(scfg, ctx), daemon=True)
                 sim.start()
             src = FolderSource(folder, tr=(tr or 2.0) / (speed or 1.0), n_volumes=n_volumes)
         else:
             raise typer.BadParameter(f"source must be recorded, live or simulated, not {source!r}")
         try:
-            sent = publish_stream(src, endpoint, ctx, wait_subscribers=wait_subscribers)
+            sent = publish_stream(src, endpoint, ctx, wait_subscribers=wait_subscribers, curve=curve)
         except KeyboardInterrupt:
             sent = -1
         for ev in getattr(src, "events", []):
@@ -280,9 +297,16 @@ def register(app: typer.Typer) -> None:
         grace_s: float = typer.Option(0.5, help="Wait this long after a TR ends for late activations."),
         metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port (127.0.0.1)."),
         log_json: bool = typer.Option(False, help="Structured logs: one JSON object per line."),
+        curve_secret: str = typer.Option("", help="CURVE: our *.key_secret file (required off loopback)."),
+        curve_allow: str = typer.Option("", help="CURVE: folder of *.key files allowed to subscribe to predictions."),
+        curve_server_key: str = typer.Option("", help="CURVE: the agents' and scanner's *.key file, or a folder "
+                                                      "of HOST.key files (one per server host)."),
     ) -> None:
         """Encoding service: activations + BOLD in, per-TR predictions and running scores out."""
         import logging
+
+        curve = _curve_or_exit(curve_secret, curve_allow, curve_server_key, binds=[predictions],
+                               connects=[*activations, *bold])
 
         from services.encoding import CoreConfig, EncodingServiceConfig, run_encoding_service
         from services.metrics import JsonFormatter
@@ -294,7 +318,7 @@ def register(app: typer.Typer) -> None:
         cfg = EncodingServiceConfig(weights=str(weights), activations=activations, bold=bold,
                                     predictions=predictions, out_dir=str(out_dir or ""), n_trs=n_trs,
                                     idle_timeout_s=idle_timeout_s, metrics_port=metrics_port,
-                                    core=CoreConfig(agent_id=agent_id, grace_s=grace_s))
+                                    core=CoreConfig(agent_id=agent_id, grace_s=grace_s), curve=curve)
         try:
             report = run_encoding_service(cfg)
         except KeyboardInterrupt:
