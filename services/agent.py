@@ -21,11 +21,11 @@ import numpy as np
 import zmq
 
 from agents.base import Agent, Decision, FatalAgentError, FrameRef, Observation
-from protocols import Activation, Frame, Status
+from protocols import Action, Activation, Frame, Status
 from services.client import GameClient
 from services.security import CurveConfig, ServerSecurity, check_bind
 from services.transport import (
-    DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, TOPIC_HEARTBEAT, Channel, make_socket,
+    DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTION, TOPIC_ACTIVATION, TOPIC_HEARTBEAT, Channel, make_socket,
 )
 
 log = logging.getLogger("neuroarcade.agent")
@@ -280,6 +280,7 @@ class AgentService:
         if decision is None:
             return None
         latency_ns = time.monotonic_ns() - item.received_ns
+        decision.timings_ms["decision"] = latency_ns / 1e6  # frame received → decided
         self.decisions += 1
         self.decided_seqs.append(frame.seq)
         self.frame_ages_ns.append(started_ns - frame.t_ns)
@@ -298,6 +299,15 @@ class AgentService:
 
     def _publish(self, pub: Channel, decision: Decision) -> None:
         t_ns = time.monotonic_ns()
+        # the decisions themselves, for sinks (dashboard): the emulator gets them on its control socket
+        for c in decision.choices:
+            try:
+                pub.send(Action(agent_id=self.cfg.agent_id, frame_seq=decision.frame_seqs[-1], action=int(c.action),
+                                probs=[float(p) for p in c.probs], condition=c.condition, t_sent_ns=t_ns,
+                                latency_ns=int(decision.timings_ms.get("decision", 0.0) * 1e6)),
+                         topic=TOPIC_ACTION, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
         for a in decision.activations:
             msg = Activation(agent_id=self.cfg.agent_id, model=self.agent.name, condition=a.condition,
                              layers=list(a.layers), pooling=a.pooling, frame_seqs=list(decision.frame_seqs),

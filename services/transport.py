@@ -22,6 +22,7 @@ log = logging.getLogger("neuroarcade.transport")
 # Topics on PUB sockets (prefix-matched by SUB subscriptions).
 TOPIC_FRAME = b"frame"
 TOPIC_ACTIVATION = b"activation"
+TOPIC_ACTION = b"action"  # agents re-publish their decisions for sinks
 TOPIC_BOLD = b"bold"
 TOPIC_TRIGGER = b"trigger"
 TOPIC_PREDICTION = b"prediction"
