@@ -369,7 +369,8 @@ class Emulator:
         h = frame_hash(pixels)
         t_ns = time.monotonic_ns()
         self.writer.write(Reset(seq=self.seq, episode=self.game.episode, seed=seed, t_ns=t_ns, frame_hash=h))
-        self._publish(pixels, h, action=-1, who="", reward=0.0, terminated=False, truncated=False, t_ns=t_ns)
+        self._publish(pixels, h, action=-1, who="", reward=0.0, terminated=False, truncated=False, t_ns=t_ns,
+                      wall_ns=time.time_ns())
         return h
 
     def _step_and_publish(self, action: int, who: str) -> str:
@@ -378,25 +379,25 @@ class Emulator:
         self.seq += 1
         self.steps += 1
         h = frame_hash(pixels)
-        t_ns = time.monotonic_ns()
+        t_ns, wall_ns = time.monotonic_ns(), time.time_ns()
         logs, self._pending_logs = self._pending_logs, []
         self.writer.write(Step(
             seq=self.seq, episode=self.game.episode, step=self.game.step_in_episode, action=action,
-            controller=who, t_ns=t_ns, wall_ns=time.time_ns(), frame_hash=h, reward=reward,
+            controller=who, t_ns=t_ns, wall_ns=wall_ns, frame_hash=h, reward=reward,
             terminated=terminated, truncated=truncated, actions=logs,
         ))
         self._publish(pixels, h, action=action, who=who, reward=reward, terminated=terminated,
-                      truncated=truncated, t_ns=t_ns)
+                      truncated=truncated, t_ns=t_ns, wall_ns=wall_ns)
         if terminated or truncated:
             self._reset_and_publish()
         return h
 
     def _publish(self, pixels: np.ndarray, h: str, *, action: int, who: str, reward: float,
-                 terminated: bool, truncated: bool, t_ns: int) -> None:
+                 terminated: bool, truncated: bool, t_ns: int, wall_ns: int) -> None:
         frame = Frame(
             session_id=self.session_id, seq=self.seq, episode=self.game.episode, step=self.game.step_in_episode,
             action=action, controller=who, reward=reward, terminated=terminated, truncated=truncated,
-            t_ns=t_ns, wall_ns=time.time_ns(), pixels=pixels, frame_hash=h,
+            t_ns=t_ns, wall_ns=wall_ns, pixels=pixels, frame_hash=h,
         )
         self.frames.send(frame, topic=TOPIC_FRAME)
         self._frame_times[self.seq % len(self._frame_times)] = t_ns
