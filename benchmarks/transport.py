@@ -17,7 +17,6 @@ import json
 import multiprocessing as mp
 import platform
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -56,7 +55,7 @@ def _client(frames_ep: str, control_ep: str, n_total: int) -> None:
 
 
 def round_trip(frames: int, block: int = 250) -> dict:
-    from protocols import Action, Decoder, Frame
+    from protocols import Action, Decoder
     from services.transport import TOPIC_FRAME, Channel, free_tcp_endpoint, make_socket
 
     frames_ep, control_ep = free_tcp_endpoint(), free_tcp_endpoint()

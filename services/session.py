@@ -29,7 +29,6 @@ import csv
 import json
 import shutil
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -105,7 +104,7 @@ class Participant:
 def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable[[str], None] = print) -> Participant:
     from encoders import synth
     from encoders.fit import FitConfig, fit_encoding, partition_variance
-    from services.batch import AgentSpec, ExtractConfig, Job, run_job
+    from services.batch import ExtractConfig, Job, run_job
     from services.emulator import record_headless
     from services.game import GameSettings
 
@@ -133,9 +132,7 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
         gamelogs.append(path)
 
     # 2. the agents' per-TR features, exactly as the live path aligns them
-    specs = {"rl-0": AgentSpec(label="rl", kind="rl"),
-             "vlm-0": AgentSpec(label="vlm", kind="vlm", model=model, conditions=("action", "reasoning"),
-                                poolings=("last_token",))}
+    specs = extraction_specs(model)
     xcfg = ExtractConfig(stride=cfg.stride, tr=cfg.tr, seed=cfg.seed)
     streams: dict[str, list[np.ndarray]] = {}
     provenance: dict[str, dict] = {}
@@ -281,6 +278,15 @@ def plant_bold(features_a: list[np.ndarray], features_b: list[np.ndarray], cfg: 
     feats = {"action": [np.asarray(f, np.float32) for f in features_a],
              "reasoning": [np.asarray(f, np.float32) for f in features_b]}
     return synth.SynthSession(scfg, mask, affine, atlas, roi_names, bold, feats, truth)
+
+
+def extraction_specs(model: str) -> dict:
+    """The default agents (``DEFAULT_AGENTS``) as offline extraction specs: agent id → services.batch.AgentSpec."""
+    from services.batch import AgentSpec
+
+    return {"rl-0": AgentSpec(label="rl", kind="rl"),
+            "vlm-0": AgentSpec(label="vlm", kind="vlm", model=model, conditions=("action", "reasoning"),
+                               poolings=("last_token",))}
 
 
 def stream_key(agent_id: str, condition: str) -> str:
@@ -536,14 +542,12 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *, sequen
     from rich.progress import Progress
 
     from encoders.weights import EncodingWeights
-    from services.batch import AgentSpec, ExtractConfig, Job, run_job
+    from services.batch import ExtractConfig, Job, run_job
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((participant.root / "derivatives" / "neuroarcade_session.json").read_text())["config"]
-    specs = {"rl-0": AgentSpec(label="rl", kind="rl"),
-             "vlm-0": AgentSpec(label="vlm", kind="vlm", model=participant.model, conditions=("action", "reasoning"),
-                                poolings=("last_token",))}
+    specs = extraction_specs(participant.model)
     xcfg = ExtractConfig(stride=cfg["stride"], tr=cfg["tr"], seed=cfg["seed"])
     weights = {k: EncodingWeights.load(v) for k, v in participant.weights.items()}
     rows = []

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import zmq
 
-from protocols import Frame, Status
+from protocols import Status
 from services.client import GameClient
 from services.emulator import record_headless
 from services.game import GameSettings, frame_hash
