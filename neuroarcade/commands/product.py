@@ -34,6 +34,7 @@ def demo(
     """Offline tour: a synthetic participant's session replayed with an RL agent and a VLM (action and reasoning
     prompts), the scanner's volumes arriving TR by TR, live encoding scores, the dashboard, then a report."""
     from services.session import Participant, ParticipantConfig, ReplayPlan, make_participant, replay_session
+    from services.transport import free_tcp_endpoint
 
     say = _say(as_json)
     root = participant or out / "participant"
@@ -44,6 +45,9 @@ def demo(
         p = make_participant(root, ParticipantConfig(game=game, model=model), progress=say)
     held_out = p.runs[-1]["run"]
     tr = 2.0
+    if dashboard_port and not _port_free(dashboard_port):
+        busy, dashboard_port = dashboard_port, int(free_tcp_endpoint().rsplit(":", 1)[1])
+        say(f"port {busy} is in use: the dashboard takes {dashboard_port}")
     plan = ReplayPlan(p, held_out, out / "run", max_trs=max(3, math.ceil(seconds / tr)),
                       dashboard_port=dashboard_port or None,
                       on_dashboard=lambda url: say(f"dashboard: {url}"))
@@ -116,6 +120,17 @@ def live(
     summary = run_live(LivePlan(p, scanner_folder, out, game=game, duration_s=duration, simulate=simulate,
                                 dashboard_port=dashboard_port), progress=typer.echo)
     _print_summary(summary, False)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def _say(quiet: bool):
