@@ -220,7 +220,7 @@ class Emulator:
         finally:
             self.writer.write(End(t_ns=time.monotonic_ns(), reason=reason, steps=self.steps))
             self.writer.close()
-            self._publish_status(force=True)
+            self._publish_status()
             pub.close()
             router.close()
             security.close()
@@ -561,7 +561,7 @@ class Emulator:
         self.counters.reject(err)
         self._reply_error(identity, err)
 
-    def _publish_status(self, force: bool = False) -> None:
+    def _publish_status(self) -> None:
         now = time.monotonic_ns()
         self._next_status = now + int(self.cfg.status_s * 1e9)
         c = self.counters

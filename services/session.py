@@ -535,7 +535,7 @@ def _forward_triggers(trigger_endpoint: str, control_endpoint: str, stop: thread
         dealer.sock.close(0)
 
 
-def replay_batch(participant: Participant, runs: list[str], out: Path, *, sequential: bool = True,
+def replay_batch(participant: Participant, runs: list[str], out: Path, *,
                  progress: Callable[[str], None] = print) -> dict:
     """Replay runs as fast as possible (offline extraction + prediction); one scores table per stream."""
     import nibabel as nib
