@@ -169,9 +169,9 @@ def replay_frames(rec) -> Iterator[tuple[int, int, np.ndarray]]:
     first frame whose hash differs from the recorded one.
     """
     from services.emulator import _check_replay_compatible
-    from services.game import GameEnv, frame_hash, settings_from_header
+    from services.game import GameEnv, settings_from_header
 
-    game = GameEnv(settings_from_header(rec.header))
+    game = GameEnv(settings_from_header(rec.header), rec.header.frame_hash_algo)
     try:
         try:
             _check_replay_compatible(rec, game)
@@ -183,7 +183,7 @@ def replay_frames(rec) -> Iterator[tuple[int, int, np.ndarray]]:
                 pixels, *_ = game.step(r.action)
             else:
                 pixels, _ = game.reset()
-            h = frame_hash(pixels)
+            h = game.hash(pixels)
             if h != r.frame_hash:
                 raise ReplayError(f"{rec.path}: replay diverged at seq {seq}: hash {h} != recorded {r.frame_hash}")
             yield seq, r.t_ns, pixels

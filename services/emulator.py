@@ -34,7 +34,7 @@ from protocols import (
     Action, Bye, Error, ErrorCode, Frame, Heartbeat, Hello, ProtocolError, Status, Trigger, Welcome,
 )
 
-from .game import GameEnv, GameSettings, frame_hash, new_session_id, settings_from_header
+from .game import FRAME_HASH, GameEnv, GameSettings, new_session_id, settings_from_header
 from .security import CurveConfig, ServerSecurity
 from .recording import ActionLog, End, Recording, RecordingWriter, Reset, Step, TriggerMark, read_recording
 from .transport import (
@@ -47,6 +47,11 @@ MODES = ("realtime", "lockstep", "replay")
 TIMEOUT_POLICIES = ("repeat", "noop", "wait")
 # Messages handled per poll wake-up: a flood can delay a step by at most this much work.
 MAX_MESSAGES_PER_WAKE = 256
+# Unpaced stepping looks at the control socket at most this often: a check per step would cost a
+# few percent of an unthrottled run, and an action applies ≤ 1 ms later there (a few steps at most).
+UNPACED_CONTROL_CHECK_NS = 1_000_000
+# Plain ints: combining pyzmq's enum flags runs Python enum code on every unthrottled step.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # Per-client latency samples kept for percentiles (bounded: sessions can run for hours).
 STATS_WINDOW = 10_000
 
@@ -149,7 +154,7 @@ class Emulator:
                 raise ValueError("replay mode needs replay_path")
             self.source = read_recording(config.replay_path)
             settings = settings_from_header(self.source.header)
-        self.game = GameEnv(settings)
+        self.game = GameEnv(settings, self.source.header.frame_hash_algo if self.source else FRAME_HASH)
         if self.source is not None:
             _check_replay_compatible(self.source, self.game)
         self.session_id = new_session_id()
@@ -172,6 +177,7 @@ class Emulator:
         self._frame_times = np.zeros(4096, dtype=np.int64)  # emulator t_ns of recent frames, by seq
         self._mismatches = 0
         self._first_mismatch: int | None = None
+        self._last_control_check = 0  # monotonic ns of the last unpaced look at the control socket
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -211,14 +217,15 @@ class Emulator:
         reason = "stopped"
         try:
             self._wait_for_clients(cfg.wait_for_clients, cfg.wait_for_clients_s)
-            self.t_start = time.monotonic_ns()  # durations count from the first frame
+            self.t_start = time.monotonic_ns()  # re-stamped at the first frame (see _publish)
             if cfg.mode == "lockstep" and not self._wait_for_controller():
                 reason = "no controller"
             else:
                 reason = {"realtime": self._run_realtime, "lockstep": self._run_lockstep,
                           "replay": self._run_replay}[cfg.mode]()
         finally:
-            self.writer.write(End(t_ns=time.monotonic_ns(), reason=reason, steps=self.steps))
+            t_end = time.monotonic_ns()  # the session's end; closing sockets and files is not part of it
+            self.writer.write(End(t_ns=t_end, reason=reason, steps=self.steps))
             self.writer.close()
             self._publish_status()
             pub.close()
@@ -230,7 +237,7 @@ class Emulator:
         return EmulatorSummary(
             session_id=self.session_id, mode=cfg.mode, steps=self.steps, episodes=self.game.episode + 1,
             frames_published=self.frames_published, record_path=record_path, counters=self.counters,
-            reason=reason, duration_s=(time.monotonic_ns() - self.t_start) / 1e9,
+            reason=reason, duration_s=(t_end - self.t_start) / 1e9,
             hash_mismatches=self._mismatches, first_mismatch_seq=self._first_mismatch,
             clients={c.client_id: _client_stats(c) for c in self.clients.values()},
         )
@@ -366,7 +373,7 @@ class Emulator:
     def _reset_and_publish(self) -> str:
         pixels, seed = self.game.reset()
         self.seq += 1
-        h = frame_hash(pixels)
+        h = self.game.hash(pixels)
         t_ns = time.monotonic_ns()
         self.writer.write(Reset(seq=self.seq, episode=self.game.episode, seed=seed, t_ns=t_ns, frame_hash=h))
         self._publish(pixels, h, action=-1, who="", reward=0.0, terminated=False, truncated=False, t_ns=t_ns,
@@ -378,7 +385,7 @@ class Emulator:
         self._held_action = action
         self.seq += 1
         self.steps += 1
-        h = frame_hash(pixels)
+        h = self.game.hash(pixels)
         t_ns, wall_ns = time.monotonic_ns(), time.time_ns()
         logs, self._pending_logs = self._pending_logs, []
         self.writer.write(Step(
@@ -400,6 +407,8 @@ class Emulator:
             t_ns=t_ns, wall_ns=wall_ns, pixels=pixels, frame_hash=h,
         )
         self.frames.send(frame, topic=TOPIC_FRAME)
+        if self.frames_published == 0:  # durations count from the first frame, not from loading the ROM
+            self.t_start = t_ns
         self._frame_times[self.seq % len(self._frame_times)] = t_ns
         self._last_frame = frame
         self.frames_published += 1
@@ -414,8 +423,11 @@ class Emulator:
                 self._publish_status()
                 self._expire_clients(now)
             timeout_ms = max(0, (deadline_ns - now)) / 1e6
-            if timeout_ms == 0:  # nothing to wait for: a cheap readiness check, no poll syscall
-                if not self.control.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if timeout_ms == 0:  # unpaced (fps=0, fast replay, behind schedule): a cheap check, no poll
+                if now - self._last_control_check < UNPACED_CONTROL_CHECK_NS:
+                    return
+                self._last_control_check = now
+                if not self.control.sock.getsockopt(_EVENTS) & _POLLIN:
                     return
             elif not self.poller.poll(timeout_ms):
                 if time.monotonic_ns() >= deadline_ns:
@@ -483,7 +495,7 @@ class Emulator:
             game=g.settings.game, action_meanings=g.action_meanings,
             frame_shape=list(g.env.observation_space.shape), frameskip=g.settings.frameskip,
             repeat_action_probability=g.settings.repeat_action_probability, step_hz=float(fps),
-            heartbeat_s=self.cfg.heartbeat_s, last_seq=self.seq, t_ns=now,
+            heartbeat_s=self.cfg.heartbeat_s, last_seq=self.seq, t_ns=now, frame_hash_algo=g.frame_hash_algo,
         ))
         log.info("client %s joined as %s", msg.client_id, role)
 
@@ -649,7 +661,7 @@ def record_headless(settings: GameSettings, steps: int, out: str | os.PathLike, 
         pixels, seed = game.reset()
         seq += 1
         triggers_until(t_ns)
-        w.write(Reset(seq=seq, episode=game.episode, seed=seed, t_ns=t_ns, frame_hash=frame_hash(pixels)))
+        w.write(Reset(seq=seq, episode=game.episode, seed=seed, t_ns=t_ns, frame_hash=game.hash(pixels)))
         for i in range(steps):
             a = ctl()
             pixels, reward, term, trunc = game.step(a)
@@ -657,12 +669,12 @@ def record_headless(settings: GameSettings, steps: int, out: str | os.PathLike, 
             t_ns = (i + 1) * settings.frameskip * 1_000_000_000 // 60  # exact game time, no drift
             triggers_until(t_ns)
             w.write(Step(seq=seq, episode=game.episode, step=game.step_in_episode, action=a, controller="builtin",
-                         t_ns=t_ns, wall_ns=time.time_ns(), frame_hash=frame_hash(pixels), reward=reward,
+                         t_ns=t_ns, wall_ns=time.time_ns(), frame_hash=game.hash(pixels), reward=reward,
                          terminated=term, truncated=trunc))
             if term or trunc:
                 pixels, seed = game.reset()
                 seq += 1
-                w.write(Reset(seq=seq, episode=game.episode, seed=seed, t_ns=t_ns, frame_hash=frame_hash(pixels)))
+                w.write(Reset(seq=seq, episode=game.episode, seed=seed, t_ns=t_ns, frame_hash=game.hash(pixels)))
             if progress is not None:
                 progress(i + 1)
         w.write(End(t_ns=t_ns, reason="max_steps", steps=steps))
@@ -682,7 +694,7 @@ class VerifyResult:
 def verify_replay(path: str | os.PathLike, progress=None) -> VerifyResult:
     """Re-run a recording headless and compare every frame hash (bit-exactness)."""
     rec = read_recording(path)
-    game = GameEnv(settings_from_header(rec.header))
+    game = GameEnv(settings_from_header(rec.header), rec.header.frame_hash_algo)
     try:
         _check_replay_compatible(rec, game)
         events = sorted([(r.seq, "reset", r) for r in rec.resets] + [(s.seq, "step", s) for s in rec.steps],
@@ -692,7 +704,7 @@ def verify_replay(path: str | os.PathLike, progress=None) -> VerifyResult:
                 pixels, _ = game.reset()
             else:
                 pixels, *_ = game.step(r.action)
-            h = frame_hash(pixels)
+            h = game.hash(pixels)
             if h != r.frame_hash:
                 return VerifyResult(False, n + 1, seq, f"{kind} at seq {seq}: hash {h} != recorded {r.frame_hash}",
                                     rec.truncated)

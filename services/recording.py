@@ -60,9 +60,12 @@ class Header(msgspec.Struct, tag="header", tag_field="type"):
     """For replay sessions: the recording being replayed."""
     meta: dict[str, str] = {}
     """Free-form labels (subject, session, task, run, operator …)."""
+    frame_hash_algo: str = "xxh3_128"
+    """Algorithm of every ``frame_hash`` (services.game.FRAME_HASHES); files that predate the field
+    used xxh3_128."""
 
 
-class ActionLog(msgspec.Struct, array_like=True):
+class ActionLog(msgspec.Struct, array_like=True, gc=False):
     """An action received from a client during the step it was applied or observed in."""
 
     agent_id: str
@@ -73,7 +76,7 @@ class ActionLog(msgspec.Struct, array_like=True):
     condition: str = ""
 
 
-class Reset(msgspec.Struct, tag="reset", tag_field="type"):
+class Reset(msgspec.Struct, tag="reset", tag_field="type", gc=False):
     seq: int
     """Sequence number of the reset frame."""
     episode: int
@@ -83,7 +86,7 @@ class Reset(msgspec.Struct, tag="reset", tag_field="type"):
     frame_hash: str
 
 
-class Step(msgspec.Struct, tag="step", tag_field="type"):
+class Step(msgspec.Struct, tag="step", tag_field="type", gc=False):
     seq: int
     episode: int
     step: int

@@ -107,3 +107,70 @@ def test_triggers_map_frames_to_trs_and_bids_events(tmp_path):
     header, row = events.read_text().splitlines()
     assert header.split("\t") == ["onset", "duration", "trial_type", "stim_file", "game"]
     assert row.split("\t")[3] == path.name
+
+
+def test_game_step_makes_the_frames_of_gymnasium_step():
+    """GameEnv.step drives the ALE directly; it must produce what the registered env produces."""
+    import gymnasium as gym
+    import numpy as np
+
+    from services.game import GameEnv, frame_hash
+
+    settings = GameSettings(game="ALE/Breakout-v5", seed=5, repeat_action_probability=0.25)
+    ours = GameEnv(settings)
+    ours.reset()
+    ref = gym.make(settings.game, frameskip=settings.frameskip, obs_type="rgb",
+                   repeat_action_probability=settings.repeat_action_probability)
+    ref.reset(seed=settings.seed)
+    rng = np.random.default_rng(0)
+    for _ in range(600):
+        a = int(rng.integers(ours.n_actions))
+        pixels, reward, term, trunc = ours.step(a)
+        ref_pixels, ref_reward, ref_term, ref_trunc, _ = ref.step(a)
+        assert frame_hash(pixels) == frame_hash(ref_pixels)
+        assert (reward, term, trunc) == (float(ref_reward), ref_term, ref_trunc)
+        if term or trunc:
+            ours.reset()
+            ref.reset()
+    ref.close()
+    ours.close()
+
+
+def test_recordings_hashed_with_xxh3_still_verify(tmp_path):
+    """Frame hashes are xxh64 since the header names its algorithm; earlier files say nothing
+    (xxh3_128 by default) and must keep verifying, diverging ones keep failing."""
+    from services.game import GameEnv, settings_from_header
+    from services.recording import Header, Reset, RecordingWriter, iter_records
+
+    path = tmp_path / "new.narec"
+    rec = record_headless(GameSettings(game="ALE/Pong-v5", seed=2, repeat_action_probability=0.25), 150, path)
+    assert rec.header.frame_hash_algo == "xxh64" and len(rec.steps[0].frame_hash) == 16
+
+    def rewrite_as_xxh3(out, corrupt_seq=None):
+        records = list(iter_records(path))
+        header = records[0]
+        fields = {f: getattr(header, f) for f in header.__struct_fields__ if f != "frame_hash_algo"}
+        game = GameEnv(settings_from_header(header), "xxh3_128")
+        with RecordingWriter(out, Header(**fields)) as w:  # default algo, as older files decode
+            for r in records[1:]:
+                if isinstance(r, (Reset, Step)):
+                    pixels = game.reset()[0] if isinstance(r, Reset) else game.step(r.action)[0]
+                    r.frame_hash = "0" * 32 if r.seq == corrupt_seq else game.hash(pixels)
+                w.write(r)
+        game.close()
+
+    rewrite_as_xxh3(tmp_path / "old.narec")
+    old = read_recording(tmp_path / "old.narec")
+    assert old.header.frame_hash_algo == "xxh3_128" and len(old.steps[0].frame_hash) == 32
+    result = verify_replay(tmp_path / "old.narec")
+    assert result.ok, result.detail
+    rewrite_as_xxh3(tmp_path / "bad.narec", corrupt_seq=77)
+    result = verify_replay(tmp_path / "bad.narec")
+    assert not result.ok and result.first_mismatch_seq == 77
+
+
+def test_unknown_frame_hash_is_a_clear_error():
+    from services.game import GameEnv
+
+    with pytest.raises(ValueError, match="unknown frame hash 'md5'"):
+        GameEnv(GameSettings(), "md5")

@@ -10,8 +10,8 @@ app = typer.Typer(no_args_is_help=True)
 
 @app.command()
 def transport(
-    frames: int = typer.Option(3000, help="Round trips to time (after warm-up)."),
-    publish_seconds: float = typer.Option(3.0, help="Seconds for each publish-rate measurement."),
+    frames: int = typer.Option(5000, help="Round trips to time, each of ours and raw (after warm-up)."),
+    publish_seconds: float = typer.Option(6.0, help="Seconds for each side of the publish-rate comparison (in 20 alternating rounds)."),
     game: str = typer.Option("ALE/Pong-v5", help="Game for the publish-rate comparison."),
 ) -> None:
     """Frame→action round trip through our protocol vs raw pyzmq; emulator publish rate vs raw ALE."""
