@@ -213,12 +213,12 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
             "publish_vs_raw_pyzmq_ratio": float(np.median(round_ratios["ours_vs_raw_pub"]))}
 
 
-def main(frames: int = 5000, publish_seconds: float = 6.0, game: str = "ALE/Pong-v5") -> dict:
+def main(frames: int = 5000, publish_seconds: float = 6.0, game: str = "ALE/Pong-v5", publish_rounds: int = 20) -> dict:
     from rich.console import Console
     from rich.table import Table
 
     rt = round_trip(frames)
-    pr = publish_rate(game, publish_seconds)
+    pr = publish_rate(game, publish_seconds, publish_rounds)
     result = {
         **rt, **pr,
         "rt_p50_ratio": rt["rt_ours_p50_us"] / rt["rt_raw_p50_us"],

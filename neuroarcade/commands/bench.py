@@ -11,13 +11,14 @@ app = typer.Typer(no_args_is_help=True)
 @app.command()
 def transport(
     frames: int = typer.Option(5000, help="Round trips to time, each of ours and raw (after warm-up)."),
-    publish_seconds: float = typer.Option(6.0, help="Seconds for each side of the publish-rate comparison (in 20 alternating rounds)."),
+    publish_seconds: float = typer.Option(6.0, help="Seconds for each side of the publish-rate comparison."),
+    publish_rounds: int = typer.Option(20, help="Alternating rounds the publish seconds are split into."),
     game: str = typer.Option("ALE/Pong-v5", help="Game for the publish-rate comparison."),
 ) -> None:
     """Frame→action round trip through our protocol vs raw pyzmq; emulator publish rate vs raw ALE."""
     from benchmarks.transport import main
 
-    main(frames=frames, publish_seconds=publish_seconds, game=game)
+    main(frames=frames, publish_seconds=publish_seconds, game=game, publish_rounds=publish_rounds)
 
 
 @app.command()
