@@ -48,7 +48,10 @@ import zmq
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from protocols import Action, Activation, BoldVolume, Decoder, Frame, Prediction, Status, Trigger
+from services.metrics import snapshot_registry
 from services.security import CurveConfig, SecurityError, check_connect, secure_connect
 from services.transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_HEARTBEAT, TOPIC_PREDICTION,
@@ -313,6 +316,22 @@ class LiveState:
             if not self.frame_version:
                 return None
             return self.frame_version, self.frame_header + self.frame_pixels
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters and gauges for /metrics (services.metrics.SnapshotCollector)."""
+        with self.lock:
+            counts = dict(self.counts)
+            scanner = dict(self.scanner)
+            n_agents, n_streams = len(self.agents), len(self.streams)
+            times = list(self._frame_times)
+        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else math.nan
+        rejected = counts.pop("rejected", 0)
+        dropped = counts.pop("dropped_stream", 0)
+        return {"counters": {"messages_received": counts, "messages_rejected": rejected,
+                             "streams_dropped": dropped},
+                "gauges": {"agents": n_agents, "prediction_streams": n_streams, "frame_fps": fps,
+                           "tr_index": scanner["tr_index"] if scanner["tr_index"] is not None else math.nan},
+                "labels": {"messages_received": "kind"}}
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -614,6 +633,13 @@ def create_app(cfg: DashboardConfig, state: LiveState, player: KeyboardPlayer | 
     def api_state(request: Request):
         guard(request)
         return JSONResponse(state.snapshot())
+
+    metrics_registry = snapshot_registry("dashboard", state.metrics_snapshot)
+
+    @app.get("/metrics")
+    def metrics(request: Request):
+        guard(request)  # a scraper passes the token as "Authorization: Bearer …" when one is set
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/brainmap")
     def api_brainmap(request: Request):

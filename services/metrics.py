@@ -44,11 +44,16 @@ class SnapshotCollector(Collector):
                 yield m
 
 
-def serve_metrics(service: str, snapshot: Callable[[], dict], port: int, host: str = "127.0.0.1"):
-    """Start the metrics HTTP server in a daemon thread; returns (server, thread)."""
+def snapshot_registry(service: str, snapshot: Callable[[], dict]) -> CollectorRegistry:
+    """A registry holding one ``SnapshotCollector`` (for services that render /metrics themselves)."""
     registry = CollectorRegistry()
     registry.register(SnapshotCollector(service, snapshot))
-    return start_http_server(port, addr=host, registry=registry)
+    return registry
+
+
+def serve_metrics(service: str, snapshot: Callable[[], dict], port: int, host: str = "127.0.0.1"):
+    """Start the metrics HTTP server in a daemon thread; returns (server, thread)."""
+    return start_http_server(port, addr=host, registry=snapshot_registry(service, snapshot))
 
 
 class JsonFormatter(logging.Formatter):

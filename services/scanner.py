@@ -20,6 +20,7 @@ XPUB sockets that can wait for their subscribers first (no slow-joiner losses, n
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import re
@@ -458,19 +459,43 @@ def to_message(vol: ScanVolume) -> BoldVolume:
 
 
 def publish_stream(source, endpoint: str, ctx: zmq.Context | None = None, wait_subscribers: int = 0,
-                   wait_timeout_s: float = 10.0, curve: CurveConfig | None = None) -> int:
-    """Publish every volume of ``source`` as BoldVolume on ``endpoint`` (XPUB bind); return the count."""
+                   wait_timeout_s: float = 10.0, curve: CurveConfig | None = None,
+                   metrics_port: int | None = None) -> int:
+    """Publish every volume of ``source`` as BoldVolume on ``endpoint`` (XPUB bind); return the count.
+
+    ``metrics_port``: serve Prometheus metrics there while streaming: volumes published, the
+    source's stream events by kind (missing, late, duplicate, partial …), the highest TR index and
+    the seconds since the last volume (a stalled export shows there first).
+    """
     pub = TriggerPublisher(ctx or zmq.Context.instance(), endpoint, curve)
-    sent = 0
+    progress = {"sent": 0, "tr_index": -1, "t_last": None}
+    metrics_server = None
+    if metrics_port is not None:
+        from .metrics import serve_metrics
+
+        def snapshot() -> dict:
+            kinds: dict[str, int] = {}
+            for ev in list(getattr(source, "events", [])):
+                kinds[ev.kind] = kinds.get(ev.kind, 0) + 1
+            t_last = progress["t_last"]
+            return {"counters": {"volumes_published": progress["sent"], "stream_events": kinds},
+                    "gauges": {"tr_index": progress["tr_index"],
+                               "seconds_since_volume": time.monotonic() - t_last if t_last is not None else math.nan},
+                    "labels": {"stream_events": "kind"}}
+
+        metrics_server, _ = serve_metrics("scanner", snapshot, metrics_port)
     try:
         if wait_subscribers and not pub.wait_for_subscribers(wait_subscribers, wait_timeout_s, topic=TOPIC_BOLD):
             log.warning("scanner: publishing without all %d subscribers", wait_subscribers)
         for vol in source:
             pub.send(to_message(vol), TOPIC_BOLD)
-            sent += 1
+            progress.update(sent=progress["sent"] + 1, tr_index=max(progress["tr_index"], vol.tr_index),
+                            t_last=time.monotonic())
     finally:
         pub.close()
-    return sent
+        if metrics_server is not None:
+            metrics_server.shutdown()
+    return progress["sent"]
 
 
 # --- a recorded run paced by replayed triggers -------------------------------------------------

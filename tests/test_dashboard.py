@@ -84,6 +84,9 @@ def test_token_guards_every_route():
         assert status == 200 and json.loads(body)["frame"] == {}
         assert _get(base + "/api/state", {"Authorization": "Bearer s3cret"})[0] == 200
         assert _get(base + "/static/../dashboard.py?token=s3cret")[0] == 404
+        assert _get(base + "/metrics")[0] == 401
+        status, body = _get(base + "/metrics", {"Authorization": "Bearer s3cret"})  # how Prometheus passes it
+        assert status == 200 and b"neuroarcade_dashboard_messages_rejected_total 0.0" in body
     finally:
         dash.stop()
 
@@ -277,6 +280,12 @@ def test_subscriber_keeps_bounded_newest_state_and_survives_bad_messages():
         assert rl["tr"] == list(range(250, 300))  # only the newest history_trs TRs are kept
         assert rl["predicted"][-1] == [pytest.approx(29.9), None] and rl["scores"] == [0.5, None]
         assert snap["counts"]["rejected"] == 2
+        status, body = _get(f"http://127.0.0.1:{dash.cfg.port}/metrics")
+        metrics = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                   for line in body.decode().splitlines() if line and not line.startswith("#")}
+        assert metrics["neuroarcade_dashboard_messages_rejected_total"] == 2
+        assert metrics['neuroarcade_dashboard_messages_received_total{kind="prediction"}'] >= 301
+        assert metrics["neuroarcade_dashboard_prediction_streams"] == 2  # the probe's and rl-0's
         assert _get(f"http://127.0.0.1:{dash.cfg.port}/api/frame.png")[0] == 404
     finally:
         dash.stop()

@@ -161,3 +161,43 @@ def test_simulated_scanner_writes_at_tr_pace_and_publishes(tmp_path):
     assert [e.kind for e in src.events] == ["missing"]
     assert sorted(p.name for p in folder.iterdir()) == [f"vol_{k:05d}.nii" for k in (0, 1, 2, 3, 5)]
     assert TOPIC_BOLD == b"bold"
+
+
+def test_scanner_metrics_count_volumes_and_stream_events(tmp_path):
+    """`scanner --metrics-port`: volumes published and the export's faults, by kind, on /metrics."""
+    import urllib.request
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    img = nib.load(FUNCTIONAL)
+    for name, k in (("vol_00000.nii", 0), ("vol_00001.nii", 1), ("again_00001.nii", 1)):
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj[..., k]), img.affine), folder / name)
+    port = int(free_tcp_endpoint().rsplit(":", 1)[1])
+    stop = threading.Event()
+    src = FolderSource(folder, tr=0.2, settle_s=0.02, stop=stop)
+    sent = []
+    streamer = threading.Thread(target=lambda: sent.append(
+        publish_stream(src, free_tcp_endpoint(), zmq.Context(), metrics_port=port)))
+    streamer.start()
+
+    def scrape() -> dict[str, float]:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            return {}
+        return {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in body.splitlines() if l and l[0] != "#"}
+
+    try:
+        t_end = time.monotonic() + 10
+        while scrape().get('neuroarcade_scanner_stream_events_total{kind="duplicate"}') != 1:
+            assert time.monotonic() < t_end, scrape()
+            time.sleep(0.05)
+        m = scrape()
+        assert m["neuroarcade_scanner_volumes_published_total"] == 2
+        assert m["neuroarcade_scanner_tr_index"] == 1  # the highest, though TR 0 was read after TR 1
+        assert m['neuroarcade_scanner_stream_events_total{kind="out_of_order"}'] == 1
+        assert 0 <= m["neuroarcade_scanner_seconds_since_volume"] < 10
+    finally:
+        stop.set()
+        streamer.join(10)
+    assert sent == [2]

@@ -241,6 +241,7 @@ def register(app: typer.Typer) -> None:
         wait_subscribers: int = typer.Option(0, help="Wait for this many subscribers before streaming."),
         curve_secret: str = typer.Option("", help="CURVE: our *.key_secret file (required off loopback)."),
         curve_allow: str = typer.Option("", help="CURVE: folder of *.key files allowed to subscribe."),
+        metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port (127.0.0.1)."),
     ) -> None:
         """Stream BOLD volumes over ZMQ from a recorded run, a live export folder, or a simulated scanner."""
         import threading
@@ -276,7 +277,8 @@ def register(app: typer.Typer) -> None:
         else:
             raise typer.BadParameter(f"source must be recorded, live or simulated, not {source!r}")
         try:
-            sent = publish_stream(src, endpoint, ctx, wait_subscribers=wait_subscribers, curve=curve)
+            sent = publish_stream(src, endpoint, ctx, wait_subscribers=wait_subscribers, curve=curve,
+                                  metrics_port=metrics_port)
         except KeyboardInterrupt:
             sent = -1
         for ev in getattr(src, "events", []):
