@@ -132,19 +132,18 @@ def _subscriber(endpoints: list[str], stop_after_s: float) -> None:
     ctx.destroy(linger=0)
 
 
-def _raw_ale_rate(game: "GameEnv", seconds: float, rng: np.random.Generator,
-                  pub: zmq.Socket | None = None) -> tuple[int, float]:
-    """The floor: frameskip × act() + getScreenRGB() per step, random actions, reset on game over.
+def _raw_ale_rate(game: "GameEnv", seconds: float, pub: zmq.Socket | None = None) -> tuple[int, float]:
+    """The floor: frameskip × act() + getScreenRGB() per step, reset on game over. The action is
+    NOOP, as the emulator holds without a controller, so both emulate the same game play.
     With ``pub``, each screen also goes out on it as ``[b"frame", header, pixels]`` (raw pyzmq)."""
     ale = game.unwrapped.ale
-    actions = game.unwrapped._action_set
+    noop = game.unwrapped._action_set[0]  # ALE's minimal action sets start with NOOP
     header = b"\0" * 200  # about the size of an encoded Frame header
     n = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a = actions[int(rng.integers(len(actions)))]
         for _ in range(game.settings.frameskip):
-            ale.act(a)
+            ale.act(noop)
         pixels = ale.getScreenRGB()
         if pub is not None:
             pub.send_multipart([b"frame", header, pixels], copy=False)
@@ -170,7 +169,6 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
     settings = GameSettings(game=game, repeat_action_probability=0.0)
     raw_game = GameEnv(settings)
     raw_game.reset()
-    rng = np.random.default_rng(0)
     per_round = seconds / rounds
     totals = {"raw": [0, 0.0], "raw_pub": [0, 0.0], "ours": [0, 0.0]}
     round_ratios: dict[str, list[float]] = {"ours": [], "raw_pub": [], "ours_vs_raw_pub": []}
@@ -193,7 +191,7 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
                     summary = Emulator(cfg).run()  # its duration counts from the first frame (ROM load excluded)
                     n, dt = summary.steps, summary.duration_s
                 else:
-                    n, dt = _raw_ale_rate(raw_game, per_round, rng, raw_pub if kind == "raw_pub" else None)
+                    n, dt = _raw_ale_rate(raw_game, per_round, raw_pub if kind == "raw_pub" else None)
                 totals[kind][0] += n
                 totals[kind][1] += dt
                 rates[kind] = n / dt
