@@ -91,6 +91,9 @@ def test_rejections_name_the_problem():
          ErrorCode.BAD_PAYLOAD)
     _bad([msgspec.msgpack.encode({**h, "pixels": {"dtype": "uint8", "shape": [1], "buf": 5}}), b"x"],
          ErrorCode.BAD_PAYLOAD)
+    strided = np.zeros((210, 160, 6), np.uint8)[:, :, ::2]  # the right byte count, but not one run of bytes
+    e = _bad([header, strided], ErrorCode.BAD_PAYLOAD)
+    assert "contiguous" in e.detail
 
 
 def test_decoder_restricted_to_accepted_kinds():
