@@ -317,20 +317,25 @@ class LiveState:
                 return None
             return self.frame_version, self.frame_header + self.frame_pixels
 
+    def _frame_fps(self) -> float | None:
+        """Frames per second over the last 2 s of arrivals (None before two); call with the lock held."""
+        t = self._frame_times
+        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else None
+
     def metrics_snapshot(self) -> dict[str, Any]:
         """Counters and gauges for /metrics (services.metrics.SnapshotCollector)."""
         with self.lock:
             counts = dict(self.counts)
-            scanner = dict(self.scanner)
+            tr_index = self.scanner["tr_index"]
             n_agents, n_streams = len(self.agents), len(self.streams)
-            times = list(self._frame_times)
-        fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else math.nan
+            fps = self._frame_fps()
         rejected = counts.pop("rejected", 0)
         dropped = counts.pop("dropped_stream", 0)
         return {"counters": {"messages_received": counts, "messages_rejected": rejected,
                              "streams_dropped": dropped},
-                "gauges": {"agents": n_agents, "prediction_streams": n_streams, "frame_fps": fps,
-                           "tr_index": scanner["tr_index"] if scanner["tr_index"] is not None else math.nan},
+                "gauges": {"agents": n_agents, "prediction_streams": n_streams,
+                           "frame_fps": math.nan if fps is None else fps,
+                           "tr_index": math.nan if tr_index is None else tr_index},
                 "labels": {"messages_received": "kind"}}
 
     def snapshot(self) -> dict[str, Any]:
@@ -348,8 +353,7 @@ class LiveState:
                 streams[key] = {"agent_id": s["agent_id"], "condition": s["condition"], "roi_names": s["roi_names"],
                                 "scores": s["scores"], "last_tr": s["last_tr"], "tr": [t for t, _ in trs],
                                 "predicted": [p for _, (p, _) in trs], "measured": [m for _, (_, m) in trs]}
-            fps = (len(self._frame_times) - 1) / (self._frame_times[-1] - self._frame_times[0]) \
-                if len(self._frame_times) > 1 and self._frame_times[-1] > self._frame_times[0] else None
+            fps = self._frame_fps()
             frame = dict(self.frame)
             if frame:
                 frame["age_ms"] = (time.monotonic_ns() - frame["t_ns"]) / 1e6
