@@ -30,6 +30,11 @@ class FrameRef:
     """Emulator monotonic time stamp of the frame (Frame.t_ns)."""
     pixels: np.ndarray
     """uint8 (H, W, 3) RGB."""
+    pooled_gray: np.ndarray | None = None
+    """uint8 (H, W): Frame.pooled_gray, the flicker-free grey screen RL policies are trained on
+    (None when the emulator did not send it)."""
+    step: int = -1
+    """Step within the episode (0: the frame right after a reset; -1: unknown)."""
 
 
 @dataclass(frozen=True)

@@ -1,33 +1,39 @@
-"""RL baseline agent: Nature-CNN DQN / PPO with standard Atari preprocessing.
+"""RL baseline agent: Nature-CNN DQN / PPO on the observation ale-py's vector env trains on.
 
-Streamed frames are already frameskipped by the emulator (v5: frameskip 4), so the agent applies
-only the observation part of the standard pipeline: RGB → gray → 84×84, and a stack of the last
-4 frames. :func:`preprocess_frame` is the same function training uses (agents/train_rl.py), so a
-locally trained policy sees exactly what it was trained on.
+Training (agents/train_rl.py) uses ale-py's C++ ``AtariVectorEnv``: ALE palette grayscale, the max
+over the last two emulator frames of each frame-skip group (Atari sprites flicker), OpenCV area
+resize to 84×84 and a stack of the last 4. The emulator publishes that max (``Frame.pooled_gray``,
+made with the same ALE calls), and :func:`observe_frame` does the rest exactly as the C++ does, so a
+trained policy is served the tensors it was trained on (tests/test_rl_agent.py compares them).
+:data:`TRAIN_ENV` is the one definition of those settings.
 
 Checkpoints: CleanRL ``.cleanrl_model`` state dicts (``dqn_atari.py`` QNetwork: ``network.0/2/4/7/9``;
-``ppo_atari.py`` Agent: ``network.0/2/4/7`` + ``actor`` + ``critic``) and SB3 / rl-zoo zips
-(``policy.pth`` inside, keys ``q_net.*`` or ``features_extractor.*``/``action_net``/``value_net``).
+``ppo_atari.py`` Agent: ``network.0/2/4/7`` + ``actor`` + ``critic``), fp32 or fp16, and SB3 / rl-zoo
+zips (``policy.pth`` inside, keys ``q_net.*`` or ``features_extractor.*``/``action_net``/``value_net``).
 Everything is read with ``torch.load(weights_only=True)``: no pickled code runs. A sidecar
 ``<checkpoint>.json`` (written by ``neuroarcade train-rl``) records the game, used to refuse
-checkpoints of another game.
+checkpoints of another game. Checkpoints trained here ship in ``agents/checkpoints/`` and are the
+default for their game (:func:`shipped_checkpoint`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 import zipfile
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from agents.base import ActivationSet, Choice, Decision, FatalAgentError, Observation
+from agents.base import ActivationSet, Choice, Decision, FatalAgentError, FrameRef, Observation
+
+log = logging.getLogger("neuroarcade.rl")
 
 FRAME_SIZE = 84
 STACK = 4
@@ -39,11 +45,39 @@ class CheckpointError(FatalAgentError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
-def preprocess_frame(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB → (84, 84) uint8 gray (ITU-R 601 luma, bilinear resize)."""
+@dataclass(frozen=True)
+class ObservationSpec:
+    """How Atari screens become the policy's input, in training and in serving."""
+
+    size: int = FRAME_SIZE
+    """Side of the square grey frame."""
+    frameskip: int = 4
+    """Emulator frames per agent step (the emulator's default)."""
+    noop_max: int = 30
+    """Training only: up to this many NOOPs after a reset (random starts)."""
+    max_frames_per_episode: int = 108_000
+    """v5's limit (30 min of play); the emulator truncates at the same point."""
+
+
+TRAIN_ENV = ObservationSpec()
+
+
+def observe_frame(pooled_gray: np.ndarray) -> np.ndarray:
+    """(210, 160) uint8 ``Frame.pooled_gray`` → (84, 84) uint8, OpenCV area interpolation (as
+    ale-py's vector env resizes)."""
+    import cv2
+
+    if pooled_gray.ndim != 2 or pooled_gray.dtype != np.uint8:
+        raise ValueError(f"pooled_gray must be a 2-D uint8 screen, got {pooled_gray.dtype} {pooled_gray.shape}")
+    return cv2.resize(pooled_gray, (TRAIN_ENV.size, TRAIN_ENV.size), interpolation=cv2.INTER_AREA)
+
+
+def gray_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB → (H, W) uint8 luma, for frames that come without ``pooled_gray`` (a client of
+    another emulator). Not what training saw: the agent warns once when it has to use this."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(rgb).convert("L").resize((FRAME_SIZE, FRAME_SIZE), Image.BILINEAR))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L"))
 
 
 def nature_cnn(n_actions: int, algo: str) -> "QNetwork | PPOAgent":
@@ -208,26 +242,43 @@ def _game_key(env_id: str) -> str:
 # --- the agent ---------------------------------------------------------------------------------
 
 
+CHECKPOINTS = Path(__file__).parent / "checkpoints"
+"""Checkpoints trained with ``neuroarcade train-rl`` that ship with neuroarcade, one per game,
+named ``<game>.cleanrl_model`` (``breakout``, ``pong``) with a sidecar and a model card."""
+RANDOM = "random"
+"""``RLConfig.checkpoint`` value asking for the seeded random network even where one ships."""
+
+
+def shipped_checkpoint(game: str | None) -> Path | None:
+    """The shipped checkpoint for ``game`` (any id spelling), or None."""
+    if not game:
+        return None
+    path = CHECKPOINTS / f"{_game_key(game)}.cleanrl_model"
+    return path if path.is_file() else None
+
+
 @dataclass
 class RLConfig:
     """How to run the RL baseline agent."""
 
     checkpoint: str | None = None
-    """CleanRL .cleanrl_model or SB3 zip; None = random-initialised network (seeded) for smoke runs."""
+    """CleanRL .cleanrl_model or SB3 zip. None: the shipped checkpoint for ``game`` if there is one,
+    else a seeded random network (with a warning); ``"random"``: the random network regardless."""
     algo: str = "ppo"
-    """Architecture when no checkpoint is given: dqn or ppo."""
+    """Architecture when no checkpoint is used: dqn or ppo."""
     game: str | None = None
-    """Game the emulator runs (checked against the checkpoint's recorded env id)."""
+    """Game the emulator runs (picks the shipped checkpoint; checked against a checkpoint's env id)."""
     activation_layers: tuple[str, ...] = ("penultimate",)
     """Which activations to publish: penultimate (512-d) and/or conv1/conv2/conv3 (flattened)."""
-    greedy: bool = True
-    """Argmax action (True) or sample from the policy (PPO) / epsilon-free Q softmax."""
+    greedy: bool | None = None
+    """Argmax action (True) or a draw from the policy's probabilities (False, seeded). None: draw
+    for PPO (as it played in training), argmax for DQN."""
     seed: int = 0
     torch_threads: int = 1
 
 
 class RLAgent:
-    """Nature-CNN policy on a stack of the last 4 preprocessed frames."""
+    """Nature-CNN policy on a stack of the last 4 observed frames (see :data:`TRAIN_ENV`)."""
 
     conditions = [""]
 
@@ -235,13 +286,20 @@ class RLAgent:
         """``n_actions`` None: build the network on the first observation (from its legal actions);
         the checkpoint is still read now, so a corrupt or foreign file fails at once."""
         torch.set_num_threads(cfg.torch_threads)
-        self.cfg = cfg
         bad = [l for l in cfg.activation_layers if l not in ACTIVATION_LAYERS]
         if bad:
             raise ValueError(f"unknown RL activation layer(s) {bad}; choose from {ACTIVATION_LAYERS}")
-        if cfg.checkpoint:
+        if cfg.checkpoint is None:
+            shipped = shipped_checkpoint(cfg.game)
+            if shipped is None:
+                log.warning("no trained checkpoint ships for %s: the RL agent is a seeded random network "
+                            "(pass --checkpoint, or train one with `neuroarcade train-rl`)", cfg.game or "this game")
+            cfg = replace(cfg, checkpoint=str(shipped) if shipped else RANDOM)
+        self.cfg = cfg
+        self.trained = cfg.checkpoint != RANDOM
+        if self.trained:
             check_game(read_checkpoint(cfg.checkpoint), cfg.game, cfg.checkpoint)
-        self.name = str(cfg.checkpoint) if cfg.checkpoint else f"nature-cnn-{cfg.algo}-random"
+        self.name = str(cfg.checkpoint) if self.trained else f"nature-cnn-{cfg.algo}-random"
         self.n_actions = n_actions
         self.net = None
         if n_actions is not None:
@@ -249,11 +307,12 @@ class RLAgent:
         self.rng = np.random.default_rng(cfg.seed)
         self._stack: deque[np.ndarray] = deque(maxlen=STACK)
         self._last_seq: int | None = None
+        self._warned_rgb = False
 
     def _build(self, n_actions: int) -> None:
         cfg = self.cfg
         self.n_actions = n_actions
-        if cfg.checkpoint:
+        if self.trained:
             self.net, ckpt = load_policy(cfg.checkpoint, n_actions, cfg.game)
             self.algo = ckpt.algo
         else:
@@ -261,24 +320,37 @@ class RLAgent:
                 raise ValueError(f"algo must be one of {ALGOS}")
             torch.manual_seed(cfg.seed)
             self.net, self.algo = nature_cnn(n_actions, cfg.algo).eval(), cfg.algo
+        self.greedy = (self.algo == "dqn") if cfg.greedy is None else cfg.greedy
 
     def reset(self) -> None:
         self._stack.clear()
         self._last_seq = None
 
+    def observe(self, frame: FrameRef) -> np.ndarray:
+        """One frame → (84, 84) uint8 as training saw it (from ``pooled_gray``)."""
+        if frame.pooled_gray is not None:
+            return observe_frame(frame.pooled_gray)
+        if not self._warned_rgb:
+            log.warning("frames carry no pooled_gray (not a neuroarcade emulator?): the RL agent falls back to "
+                        "grey from RGB without flicker pooling, which is not what it was trained on")
+            self._warned_rgb = True
+        return observe_frame(gray_from_rgb(frame.pixels))
+
     def stack(self, obs: Observation) -> np.ndarray:
         """Push the frames not seen yet (skipped ones too: the policy was trained on consecutive
-        frames); return (4, 84, 84) uint8, oldest first."""
+        frames); return (4, 84, 84) uint8, oldest first. A reset frame starts a new stack, padded
+        with zeros as ale-py's vector env pads it."""
         if self._last_seq is not None and obs.newest.seq < self._last_seq:
             self.reset()  # emulator restarted: numbering went back
         for f in (*obs.skipped[-STACK:], *obs.frames):
             if self._last_seq is not None and f.seq <= self._last_seq:
                 continue
-            self._stack.append(preprocess_frame(f.pixels))
+            if f.step == 0:
+                self._stack.clear()
+            self._stack.append(self.observe(f))
             self._last_seq = f.seq
-        while len(self._stack) < STACK:  # like FrameStackObservation's padding at reset: repeat the first
-            self._stack.appendleft(self._stack[0])
-        return np.stack(self._stack)
+        pad = [np.zeros((TRAIN_ENV.size, TRAIN_ENV.size), np.uint8)] * (STACK - len(self._stack))
+        return np.stack([*pad, *self._stack])
 
     def infer(self, obs: Observation) -> Decision:
         if self.net is None:
@@ -293,7 +365,7 @@ class RLAgent:
             out = self.net.head(feat)[0].double()
         t2 = time.perf_counter()
         probs = torch.softmax(out, -1).float().numpy()
-        action = int(np.argmax(probs)) if self.cfg.greedy else int(self.rng.choice(self.n_actions, p=probs / probs.sum()))
+        action = int(np.argmax(probs)) if self.greedy else int(self.rng.choice(self.n_actions, p=probs / probs.sum()))
         acts = []
         for layer in self.cfg.activation_layers:
             vec = feat[0] if layer == "penultimate" else convs[int(layer[-1]) - 1][0].flatten()

@@ -151,6 +151,11 @@ class Frame(_Message, tag="frame"):
     """uint8 (height, width, 3) RGB screen."""
     frame_hash: str = ""
     """Hex digest of ``pixels`` with Welcome.frame_hash_algo; replay and clients may check it."""
+    pooled_gray: np.ndarray | None = None
+    """uint8 (height, width): per pixel, the max of the ALE palette grayscale of the last two
+    emulator frames of this step (of the reset screen for a reset frame). Atari sprites flicker
+    between frames; RL agents are trained on this max (ale-py's vector env, Gymnasium's
+    AtariPreprocessing). Not covered by ``frame_hash``."""
 
 
 class Action(_Message, tag="action"):

@@ -71,6 +71,11 @@ def _pct(values: list[int], q: float) -> float:
     return float(np.percentile(np.asarray(values) / 1e6, q)) if values else 0.0
 
 
+def frame_ref(f: Frame) -> FrameRef:
+    """What an agent sees of a wire Frame."""
+    return FrameRef(f.seq, f.t_ns, f.pixels, f.pooled_gray, f.step)
+
+
 @dataclass
 class _Pending:
     frame: Frame
@@ -111,7 +116,7 @@ class _Mailbox:
             item, self._item = self._item, None
             if item is not None:
                 now = item.frame
-                item.skipped = tuple(FrameRef(f.seq, f.t_ns, f.pixels) for f in self._skipped
+                item.skipped = tuple(frame_ref(f) for f in self._skipped
                                      if f.session_id == now.session_id and f.seq < now.seq)
                 self._skipped.clear()
             return item
@@ -266,7 +271,7 @@ class AgentService:
         """Decide on one frame and queue its actions (``wake`` tells the I/O thread to send them)."""
         frame, meanings = item.frame, item.meanings
         started_ns = time.monotonic_ns()
-        obs = Observation((FrameRef(frame.seq, frame.t_ns, frame.pixels),), meanings, item.received_ns,
+        obs = Observation((frame_ref(frame),), meanings, item.received_ns,
                           skipped=item.skipped)
         try:
             decision = self.agent.infer(obs)

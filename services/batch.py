@@ -43,6 +43,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from agents.base import FrameRef
+
 MANIFEST = "manifest.json"
 AGENT_KINDS = ("rl", "vlm")
 
@@ -161,8 +163,8 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def replay_frames(rec) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Re-run a recording headless and yield (seq, t_ns, pixels) of every frame, checking every hash.
+def replay_frames(rec) -> Iterator[FrameRef]:
+    """Re-run a recording headless and yield every frame as agents see it, checking every hash.
 
     Same stepping as ``services.emulator.verify_replay``: the recorded first-reset seed, the
     recorded actions, resets where the recording has them. Raises :class:`ReplayError` on the
@@ -186,7 +188,7 @@ def replay_frames(rec) -> Iterator[tuple[int, int, np.ndarray]]:
             h = game.hash(pixels)
             if h != r.frame_hash:
                 raise ReplayError(f"{rec.path}: replay diverged at seq {seq}: hash {h} != recorded {r.frame_hash}")
-            yield seq, r.t_ns, pixels
+            yield FrameRef(seq, r.t_ns, pixels, game.pooled_gray, game.step_in_episode)
     finally:
         game.close()
 
@@ -240,7 +242,7 @@ def space_name(label: str, condition: str, pooling: str, layer: int) -> str:
 
 def run_job(job: Job) -> JobResult:
     """Replay one recording through one agent and align its activations to TRs (pure, deterministic)."""
-    from agents.base import FrameRef, Observation
+    from agents.base import Observation
     from encoders.align import TrAligner
     from services.recording import read_recording
 
@@ -256,12 +258,15 @@ def run_job(job: Job) -> JobResult:
     # (condition, pooling, layer) → list of (vector, frame_t_ns)
     streams: dict[tuple[str, str, int], tuple[list[np.ndarray], list[int]]] = {}
     decisions = frames = 0
+    skipped: list[FrameRef] = []  # frames the stride passes over: history for frame stacks, as live
     try:
-        for i, (seq, t_ns, pixels) in enumerate(replay_frames(rec)):
+        for i, frame in enumerate(replay_frames(rec)):
             frames += 1
             if i % job.cfg.stride:
+                skipped.append(frame)
                 continue
-            decision = agent.infer(Observation((FrameRef(seq, t_ns, pixels),), meanings, 0))
+            decision = agent.infer(Observation((frame,), meanings, 0, skipped=tuple(skipped[-64:])))
+            skipped.clear()
             if decision is None:
                 continue
             decisions += 1

@@ -404,7 +404,7 @@ class Emulator:
         frame = Frame(
             session_id=self.session_id, seq=self.seq, episode=self.game.episode, step=self.game.step_in_episode,
             action=action, controller=who, reward=reward, terminated=terminated, truncated=truncated,
-            t_ns=t_ns, wall_ns=wall_ns, pixels=pixels, frame_hash=h,
+            t_ns=t_ns, wall_ns=wall_ns, pixels=pixels, frame_hash=h, pooled_gray=self.game.pooled_gray,
         )
         self.frames.send(frame, topic=TOPIC_FRAME)
         if self.frames_published == 0:  # durations count from the first frame, not from loading the ROM

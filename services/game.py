@@ -85,12 +85,20 @@ class GameEnv:
         self.episode = -1
         self.step_in_episode = 0
         self._seeded = False
+        h, w = self.env.observation_space.shape[:2]
+        self._gray = (np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8))
+        self.pooled_gray: np.ndarray = self._gray[0]
+        """(H, W) uint8: the max of the ALE grayscale screens of the last two emulator frames of the
+        latest step (the reset screen after a reset) — what ale-py's vector env, and so RL training,
+        builds its observation from (agents/rl.py). A new array each step."""
 
     def reset(self) -> tuple[np.ndarray, int | None]:
         """Start an episode; returns (pixels, seed used or None)."""
         seed = None if self._seeded else self.settings.seed
         obs, _ = self.env.reset(seed=seed)
         self._seeded = True
+        self._ale.getScreenGrayscale(self._gray[0])
+        self.pooled_gray = self._gray[0].copy()
         self.episode += 1
         self.step_in_episode = 0
         return obs, seed
@@ -103,8 +111,12 @@ class GameEnv:
             raise ValueError(f"action {action} outside 0..{self.n_actions - 1}")
         ale, ale_action = self._ale, self._ale_actions[action]
         reward = 0.0
-        for _ in range(self.settings.frameskip):
+        skip = self.settings.frameskip
+        for i in range(skip):
             reward += ale.act(ale_action, 1.0)
+            if i >= skip - 2:  # the last two frames, for pooled_gray (as ale-py's vector env)
+                ale.getScreenGrayscale(self._gray[skip - 1 - i])
+        self.pooled_gray = np.maximum(*self._gray) if skip > 1 else self._gray[0].copy()
         terminated = ale.game_over(with_truncation=False)
         truncated = ale.game_truncated()
         self.step_in_episode += 1

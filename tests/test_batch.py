@@ -96,7 +96,7 @@ def test_ray_gives_exactly_the_sequential_features(recordings, tiny_vlm, local_r
 
 def test_features_follow_the_live_alignment_rule(recordings, tmp_path):
     """Row t = mean of the decisions whose frame was shown in [trigger t, trigger t+1), as the live encoder does."""
-    from agents.base import FrameRef, Observation
+    from agents.base import Observation
     from services.batch import build_agent, replay_frames
 
     job = plan_jobs(recordings[:1], [AgentSpec.parse("rl")], ExtractConfig())[0]
@@ -105,9 +105,9 @@ def test_features_follow_the_live_alignment_rule(recordings, tmp_path):
     agent = build_agent(job.agent, rec.header.game, job.cfg)
     triggers = np.array(sorted(t.t_ns for t in rec.triggers))
     by_tr: dict[int, list[np.ndarray]] = {}
-    for seq, t_ns, pixels in replay_frames(rec):
-        d = agent.infer(Observation((FrameRef(seq, t_ns, pixels),), tuple(rec.header.action_meanings)))
-        tr = int(np.searchsorted(triggers, t_ns, side="right")) - 1
+    for frame in replay_frames(rec):
+        d = agent.infer(Observation((frame,), tuple(rec.header.action_meanings)))
+        tr = int(np.searchsorted(triggers, frame.t_ns, side="right")) - 1
         by_tr.setdefault(tr, []).append(d.activations[0].vectors[0].astype(np.float64))
     expected = np.stack([np.mean(by_tr[t], axis=0) for t in range(len(triggers))]).astype(np.float32)
     np.testing.assert_allclose(result.features["rl_penultimate_l0"], expected, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,5 @@
-"""RL baseline: preprocessing, CleanRL/SB3 checkpoints (and their refusal), short local training."""
+"""RL baseline: train/serve observation equality, CleanRL/SB3 checkpoints (and their refusal), training
+with resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -10,28 +11,31 @@ import numpy as np
 import pytest
 
 from agents.base import FrameRef, Observation
-from agents.rl import CheckpointError, RLAgent, RLConfig, nature_cnn, preprocess_frame, read_checkpoint
+from agents.rl import CheckpointError, RLAgent, RLConfig, nature_cnn, observe_frame, read_checkpoint
+from services.game import GameEnv, GameSettings
 
 
-@pytest.fixture(scope="module")
-def pong_frames():
-    import ale_py
-    import gymnasium as gym
-
-    gym.register_envs(ale_py)
-    env = gym.make("ALE/Pong-v5", repeat_action_probability=0.0)
-    obs, _ = env.reset(seed=0)
-    frames = [obs.copy()]
-    for t in range(12):
-        obs, *_ = env.step(2 if t % 2 else 3)
-        frames.append(obs.copy())
-    meanings = tuple(env.unwrapped.get_action_meanings())
+def play(game: str, actions, sticky: float = 0.0, seed: int = 0) -> tuple[list[FrameRef], tuple[str, ...]]:
+    """Frames as the emulator makes them (GameEnv, with pooled_gray), reset frame first."""
+    env = GameEnv(GameSettings(game, seed=seed, repeat_action_probability=sticky))
+    pixels, _ = env.reset()
+    frames = [FrameRef(0, 0, pixels, env.pooled_gray, 0)]
+    for t, a in enumerate(actions):
+        pixels, _, term, trunc = env.step(int(a))
+        frames.append(FrameRef(t + 1, (t + 1) * 66_666_667, pixels, env.pooled_gray, env.step_in_episode))
+        assert not (term or trunc)
+    meanings = tuple(env.action_meanings)
     env.close()
     return frames, meanings
 
 
+@pytest.fixture(scope="module")
+def pong_frames():
+    return play("ALE/Pong-v5", [2 if t % 2 else 3 for t in range(12)])
+
+
 def _obs(frames, meanings, i):
-    return Observation((FrameRef(i, i * 66_666_667, frames[i]),), meanings)
+    return Observation((frames[i],), meanings)
 
 
 def _save_cleanrl(path, algo, n_actions, seed=3, env_id=None):
@@ -45,11 +49,43 @@ def _save_cleanrl(path, algo, n_actions, seed=3, env_id=None):
     return net
 
 
-def test_preprocess_is_84x84_gray(pong_frames):
-    frames, _ = pong_frames
-    x = preprocess_frame(frames[0])
-    assert x.shape == (84, 84) and x.dtype == np.uint8
-    assert 0 < x.mean() < 255 and len(np.unique(x)) > 2
+@pytest.mark.parametrize("game,steps", [("ALE/Breakout-v5", 150), ("ALE/Pong-v5", 400)])
+def test_served_stacks_equal_the_training_env(game, steps):
+    """The same game steps through ale-py's vector env (training) and through the emulator's frames +
+    the agent's stacking (serving) give identical 84×84×4 uint8 tensors, reset included."""
+    from agents.train_rl import make_train_env
+
+    actions = np.random.default_rng(5).integers(0, 4, steps)
+    frames, meanings = play(game, actions)
+    venv = make_train_env(game, 1, sticky=0.0, noop_max=0)
+    trained, _ = venv.reset(seed=1)
+    agent = RLAgent(RLConfig(checkpoint="random"), len(meanings))
+    served = agent.stack(_obs(frames, meanings, 0))
+    assert served.shape == (4, 84, 84) and served.dtype == np.uint8
+    np.testing.assert_array_equal(served, trained[0])
+    assert not served[:3].any(), "a new episode's stack is zero-padded, as in training"
+    differing = 0
+    for t, a in enumerate(actions):
+        trained, *_ = venv.step(np.array([a], dtype=np.int32))
+        served = agent.stack(_obs(frames, meanings, t + 1))
+        np.testing.assert_array_equal(served, trained[0], err_msg=f"step {t + 1}")
+        differing += int(not np.array_equal(frames[t + 1].pooled_gray, frames[t].pooled_gray))
+    venv.close()
+    assert differing > steps // 4, "the game moved: the comparison covered changing screens"
+
+
+def test_pooled_gray_is_the_flicker_max_not_the_last_screen():
+    frames, _ = play("ALE/Breakout-v5", [1] + [3] * 30)
+    last = [observe_frame(f.pooled_gray) for f in frames]
+    assert all(f.pooled_gray.shape == (210, 160) and f.pooled_gray.dtype == np.uint8 for f in frames)
+    assert all(l.shape == (84, 84) for l in last)
+    env = GameEnv(GameSettings("ALE/Breakout-v5", repeat_action_probability=0.0))
+    env.reset()
+    env.step(1)
+    # max of the last two screens ≥ the last screen's grey, everywhere
+    last_gray = env._ale.getScreenGrayscale()
+    assert (env.pooled_gray >= last_gray).all()
+    env.close()
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
@@ -58,13 +94,13 @@ def test_cleanrl_checkpoint_round_trip(tmp_path, pong_frames, algo):
 
     frames, meanings = pong_frames
     net = _save_cleanrl(tmp_path / f"{algo}.cleanrl_model", algo, len(meanings))
-    agent = RLAgent(RLConfig(checkpoint=str(tmp_path / f"{algo}.cleanrl_model"),
+    agent = RLAgent(RLConfig(checkpoint=str(tmp_path / f"{algo}.cleanrl_model"), greedy=True,
                              activation_layers=("penultimate", "conv3")), len(meanings))
     assert agent.algo == algo
     for i in range(6):
         d = agent.infer(_obs(frames, meanings, i))
     # the agent's 4-stack is the last 4 preprocessed frames, oldest first
-    stack = np.stack([preprocess_frame(f) for f in frames[2:6]])
+    stack = np.stack([observe_frame(f.pooled_gray) for f in frames[2:6]])
     with torch.no_grad():
         x = torch.from_numpy(stack).float()[None]
         logits = net(x)[0]
@@ -116,12 +152,11 @@ def test_sb3_zip_checkpoint_loads(tmp_path, pong_frames, algo):
 def test_frame_stack_uses_skipped_frames(pong_frames):
     """An RL agent that skipped frames still stacks the 4 consecutive newest frames it was trained on."""
     frames, meanings = pong_frames
-    agent = RLAgent(RLConfig(), len(meanings))
+    agent = RLAgent(RLConfig(checkpoint="random"), len(meanings))
     agent.infer(_obs(frames, meanings, 0))
-    obs = Observation((FrameRef(9, 0, frames[9]),), meanings,
-                      skipped=tuple(FrameRef(i, 0, frames[i]) for i in range(1, 9)))
+    obs = Observation((frames[9],), meanings, skipped=tuple(frames[1:9]))
     stack = agent.stack(obs)
-    np.testing.assert_array_equal(stack, np.stack([preprocess_frame(frames[i]) for i in range(6, 10)]))
+    np.testing.assert_array_equal(stack, np.stack([observe_frame(frames[i].pooled_gray) for i in range(6, 10)]))
 
 
 def test_corrupt_checkpoints_are_refused(tmp_path):
@@ -175,17 +210,51 @@ def test_other_game_is_refused(tmp_path, pong_frames):
     assert ok.algo == "ppo"
 
 
-def test_train_rl_short_run_writes_a_loadable_checkpoint(tmp_path, pong_frames):
-    from agents.train_rl import TrainConfig, train
+def test_train_rl_resumes_after_sigkill_on_the_same_schedule(tmp_path, pong_frames):
+    """A killed run, rerun with the same command, continues from its last state file: the log has
+    every iteration once, the learning rate keeps annealing on the original schedule, and the
+    result is a loadable fp16 CleanRL checkpoint refused for another game."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    frames, meanings = pong_frames
+    import torch
+
     out = tmp_path / "pong.cleanrl_model"
-    meta = train(TrainConfig(steps=128, num_envs=2, num_steps=32, update_epochs=1, eval_max_steps=50), out)
-    assert meta["env_id"] == "ALE/Pong-v5" and meta["n_actions"] == 6
-    assert json.loads(out.with_name(out.name + ".json").read_text())["eval_returns"] == meta["eval_returns"]
+    code = ("from agents.train_rl import TrainConfig, train; "
+            f"train(TrainConfig(game='ALE/Pong-v5', frames=4 * 2 * 16 * 12, num_envs=2, num_steps=16, "
+            f"update_epochs=1, num_minibatches=2, checkpoint_every=2, torch_threads=1), {str(out)!r})")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    state = out.with_name(out.name + ".state.pt")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state.is_file() and torch.load(state, weights_only=True)["iteration"] >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(state, weights_only=True)["iteration"]
+    assert 4 <= killed_at < 12 and not out.exists(), "killed mid-run, before the final checkpoint"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     log = [json.loads(line) for line in out.with_name(out.name + ".log.jsonl").read_text().splitlines()]
-    assert [row["steps"] for row in log] == [64, 128]
+    assert [row["iteration"] for row in log] == list(range(1, 13))
+    assert log[-1]["frames"] == 4 * 2 * 16 * 12
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert meta["env_id"] == "ALE/Pong-v5" and meta["n_actions"] == 6 and meta["iterations"] == 12
+    final = torch.load(state, weights_only=True)
+    assert final["iteration"] == 12
+    # Adam's lr after the last update is the schedule's value for iteration 12 (1 - 11/12 of 2.5e-4)
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4 / 12)
+    sd = torch.load(out, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in sd.values())
+    frames, meanings = pong_frames
     agent = RLAgent(RLConfig(checkpoint=str(out), game="ALE/Pong-v5"))
     assert 0 <= agent.infer(_obs(frames, meanings, 0)).action < 6
     with pytest.raises(CheckpointError, match="another game"):
         RLAgent(RLConfig(checkpoint=str(out), game="ALE/Breakout-v5"))
+    with pytest.raises(ValueError, match="other settings"):
+        from agents.train_rl import TrainConfig, train
+        train(TrainConfig(game="ALE/Pong-v5", frames=4 * 2 * 16 * 12, num_envs=2, num_steps=16, seed=7), out)

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, gymnasium) stay inside the command functions
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Optional
 
 import typer
@@ -162,27 +163,41 @@ def build_tiny_cmd(
 
 
 def train_rl(
-    algo: str = typer.Option("ppo", help="ppo or dqn."),
-    game: str = typer.Option("ALE/Pong-v5", help="Gymnasium ALE id."),
-    steps: int = typer.Option(10_000, help="Agent steps over all envs (frames = 4×)."),
-    num_envs: int = typer.Option(4, help="Parallel envs (vector env)."),
-    out: str = typer.Option(..., help="Checkpoint path (X.cleanrl_model; X.json and X.log.jsonl beside it)."),
+    game: str = typer.Option("ALE/Breakout-v5", help="Gymnasium ALE id."),
+    frames: int = typer.Option(10_000_000, help="Emulator frames to train for (agent steps × 4, all envs)."),
+    out: str = typer.Option(..., help="Checkpoint path (X.cleanrl_model; X.json, X.log.jsonl, X.state.pt beside it)."),
+    num_envs: int = typer.Option(8, help="Parallel games in ale-py's vector env."),
     seed: int = typer.Option(1),
-    device: str = typer.Option("cpu"),
-    threads: int = typer.Option(1, help="torch threads."),
-    eval_episodes: int = typer.Option(1),
+    sticky: float = typer.Option(0.25, help="Sticky-action probability (the emulator's default)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Precision (default: bf16 where the hardware has it)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: int = typer.Option(0, help="torch threads (0: one per core)."),
+    checkpoint_every: int = typer.Option(20, help="Iterations between resumable state files."),
 ) -> None:
-    """Train a Nature-CNN PPO/DQN agent (CleanRL style); a useful Pong/Breakout PPO needs ~2.5M steps."""
-    from rich.progress import Progress
+    """Train a Nature-CNN PPO agent (CleanRL's Atari recipe on ale-py's vector env); rerun to resume after a kill."""
+    import shlex
+    import sys
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from agents.train_rl import TrainConfig, train
 
-    cfg = TrainConfig(game=game, algo=algo, steps=steps, num_envs=num_envs, seed=seed, device=device,
-                      torch_threads=threads, eval_episodes=eval_episodes)
-    with Progress() as progress:
-        task = progress.add_task(f"{algo} {game}", total=steps)
-        meta = train(cfg, out, progress=lambda done, total: progress.update(task, completed=done, total=total))
-    print(json.dumps({k: v for k, v in meta.items() if k != "config"}))
+    cfg = TrainConfig(game=game, frames=frames, num_envs=num_envs, seed=seed, sticky=sticky, bf16=bf16,
+                      device=device, torch_threads=threads, checkpoint_every=checkpoint_every)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(f"PPO {game}", total=cfg.iterations, status="")
+
+        def show(p) -> None:
+            ret = "–" if p.episode_return is None else f"{p.episode_return:.1f}"
+            bar.update(task, completed=p.iteration,
+                       status=f"{p.frames / 1e6:.2f}M frames · {p.frames_per_s:.0f} frames/s · return {ret}")
+
+        try:
+            summary = train(cfg, out, progress=show, command=shlex.join(["neuroarcade", *sys.argv[1:]]))
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    print(json.dumps({k: v for k, v in asdict(summary).items() if k != "config"}))
 
 
 def register(app: typer.Typer) -> None:
