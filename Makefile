@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The venv is rebuilt whenever pyproject.toml changes (stale) or is missing.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean venv browser
+.PHONY: demo test test-fast bench clean venv browser
 
 venv: $(STAMP)
 
@@ -28,8 +28,15 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing and not root: the browser test will be skipped"; fi; }
 
+# The layer contracts first (pyproject [tool.importlinter]): seconds, and a broken layer fails before the suite.
 test: $(STAMP) browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
+
+# The inner loop: every test not marked slow (pyproject [tool.pytest.ini_options] markers), under a minute on an
+# idle 2-core machine. `make test` still runs everything.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/neuroarcade bench transport

@@ -256,8 +256,11 @@ class Recorder(Wrapper):
         super().close()
 
 
-def read_recording(out_dir: str | Path) -> list[dict]:
-    """Load a Recorder directory: the JSON lines with each activation's ``vectors`` filled in."""
+def read_decisions(out_dir: str | Path) -> list[dict]:
+    """Load a :class:`Recorder` directory: the JSON lines with each activation's ``vectors`` filled in.
+
+    (Not a session recording: those are ``.narec`` files, read by ``services.recording.read_recording``.)
+    """
     out = Path(out_dir)
     files: dict[str, dict] = {}
     rows = []
@@ -270,6 +273,10 @@ def read_recording(out_dir: str | Path) -> list[dict]:
             a["vectors"] = files[a["file"]][a["key"]]
         rows.append(row)
     return rows
+
+
+# The old name, easily taken for the session-recording reader; only tests/test_vlm_agent.py still imports it.
+read_recording = read_decisions
 
 
 class AddedLatency(Wrapper):

@@ -373,3 +373,22 @@ class RLAgent:
         t3 = time.perf_counter()
         return Decision([Choice("", action, probs)], acts, [f.seq for f in obs.frames], obs.newest.t_ns,
                         {"preprocess": (t1 - t0) * 1e3, "forward": (t2 - t1) * 1e3, "score": (t3 - t2) * 1e3})
+
+
+class RandomAgent:
+    """Uniformly random legal actions (seeded): the floor a trained agent is measured against."""
+
+    name = "random"
+    conditions = [""]
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self) -> None:
+        pass
+
+    def infer(self, obs: Observation) -> Decision:
+        n = len(obs.action_meanings)
+        action = int(self.rng.integers(n))
+        return Decision([Choice("", action, np.full(n, 1.0 / n, np.float32))], [], [f.seq for f in obs.frames],
+                        obs.newest.t_ns, {})

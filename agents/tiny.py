@@ -69,6 +69,12 @@ class TinyConfig:
     """BPE vocabulary trained locally (special tokens included)."""
     seed: int = 0
     """Seeds weights; the same seed gives byte-identical safetensors."""
+    init_std: float = 0.02
+    """Std of the random weights (transformers' ``initializer_range``). At 0.02 (a model about to be
+    trained) attention logits are ~0.05, so every token attends almost uniformly: the last token of
+    two prompts on the same frames averages the same image tokens and the prompts' pooled states
+    correlate at r ≈ 0.997. At 0.12 (the synthetic participant's model) attention is content-dependent,
+    as in a trained model, and the prompt changes what the last token reads from the image."""
 
 
 def _train_tokenizer(cfg: TinyConfig):
@@ -103,11 +109,12 @@ def _model_config(cfg: TinyConfig, variant: str, tokenizer):
         num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        initializer_range=cfg.init_std,
     )
     common = dict(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=False, initializer_range=cfg.init_std,  # the top-level value initialises every module
     )
     if variant == "vlm":
         from transformers import Qwen2_5_VLConfig

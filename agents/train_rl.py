@@ -143,6 +143,11 @@ def make_train_env(game: str, num_envs: int, sticky: float, threads: int = 0, no
     )
 
 
+def env_threads(num_envs: int) -> int:
+    """ALE worker threads: one per core at most (more only contend with torch's)."""
+    return min(num_envs, os.cpu_count() or 1)
+
+
 class PPO:
     """The policy, its optimiser and one PPO update; no environment, no files."""
 
@@ -344,7 +349,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Callable[[TrainProgress],
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path, log_path = _state_path(out), out.with_name(out.name + ".log.jsonl")
-    envs = make_train_env(cfg.game, cfg.num_envs, cfg.sticky, threads=min(cfg.num_envs, os.cpu_count() or 1))
+    envs = make_train_env(cfg.game, cfg.num_envs, cfg.sticky, threads=env_threads(cfg.num_envs))
     n_actions = int(envs.single_action_space.n)
     ppo = PPO(cfg, n_actions)
     rollout = Rollout(cfg, envs)

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -444,6 +445,7 @@ def _read_shm(path: Path, timeout_s: float) -> dict | None:
 
 
 def _free_port(host: str) -> int:
-    from services.transport import free_tcp_endpoint
-
-    return int(free_tcp_endpoint(host).rsplit(":", 1)[1])
+    """A TCP port free on ``host`` right now (agents may not import services.transport: layer contract)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -57,14 +57,13 @@ def _client(frames_ep: str, control_ep: str, n_total: int) -> None:
 
 def round_trip(frames: int) -> dict:
     from protocols import Action, Decoder
-    from services.transport import TOPIC_FRAME, Channel, free_tcp_endpoint, make_socket
+    from services.transport import TOPIC_FRAME, Channel, bind_ephemeral, make_socket
 
-    frames_ep, control_ep = free_tcp_endpoint(), free_tcp_endpoint()
     ctx = zmq.Context()
     pub = make_socket(ctx, zmq.PUB, hwm=1000)
-    pub.bind(frames_ep)
+    frames_ep = bind_ephemeral(pub)
     router = make_socket(ctx, zmq.ROUTER, hwm=1000)
-    router.bind(control_ep)
+    control_ep = bind_ephemeral(router)
     warm = 200
     n_total = 2 * (frames + warm)
     proc = mp.get_context("spawn").Process(target=_client, args=(frames_ep, control_ep, n_total), daemon=True)
@@ -164,7 +163,7 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
     """
     from services.emulator import Emulator, EmulatorConfig
     from services.game import GameEnv, GameSettings
-    from services.transport import free_tcp_endpoint, make_socket
+    from services.transport import bind_ephemeral, free_tcp_endpoint, make_socket
 
     settings = GameSettings(game=game, repeat_action_probability=0.0)
     raw_game = GameEnv(settings)
@@ -172,10 +171,10 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
     per_round = seconds / rounds
     totals = {"raw": [0, 0.0], "raw_pub": [0, 0.0], "ours": [0, 0.0]}
     round_ratios: dict[str, list[float]] = {"ours": [], "raw_pub": [], "ours_vs_raw_pub": []}
-    frames_ep, raw_pub_ep = free_tcp_endpoint(), free_tcp_endpoint()
+    frames_ep = free_tcp_endpoint()  # bound by each round's emulator, from its config
     ctx = zmq.Context()
     raw_pub = make_socket(ctx, zmq.PUB)
-    raw_pub.bind(raw_pub_ep)
+    raw_pub_ep = bind_ephemeral(raw_pub)
     sub = mp.get_context("spawn").Process(target=_subscriber, args=([frames_ep, raw_pub_ep], 4 * seconds + 30),
                                           daemon=True)
     sub.start()

@@ -30,7 +30,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from encoders.data import FitInputError
 from encoders.weights import EncodingWeights, FeatureSpace, delay_run
+
+CONTIGUOUS_FOLDS = 5
+"""Alpha-selection folds when there are too few runs for leave-one-run-out (see :func:`loro_splits`)."""
 
 
 @dataclass
@@ -86,6 +90,9 @@ class FitResult:
     """(V,) bool: q ≤ fdr_q."""
     noise_ceiling: np.ndarray | None = None
     """(V,) explainable variance from repeated runs (when the fit found repeats)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the fit could not do as the method asks (one run: no leave-one-run-out, no held-out
+    scores); also in the weights' provenance under ``warnings``."""
 
 
 # --- preprocessing -------------------------------------------------------------------------
@@ -113,7 +120,7 @@ def prepare_space(name: str, runs: list[np.ndarray], pca: int | None, provenance
     """Per-run z-score (+ PCA) one feature space; return its FeatureSpace and transformed runs."""
     dims = {np.asarray(r).shape[1] for r in runs}
     if len(dims) != 1:
-        raise ValueError(f"feature space {name!r}: runs have different dims {sorted(dims)}")
+        raise FitInputError(f"feature space {name!r}: runs have different dims {sorted(dims)}")
     dim = dims.pop()
     zs, means, stds = zip(*(zscore_run(r) for r in runs))
     space = FeatureSpace(
@@ -126,8 +133,8 @@ def prepare_space(name: str, runs: list[np.ndarray], pca: int | None, provenance
         Z = np.concatenate(zs)
         k = min(pca, Z.shape[0], dim)
         if k < pca:
-            raise ValueError(f"feature space {name!r}: PCA to {pca} dims needs ≥{pca} rows and dims, "
-                             f"have {Z.shape[0]} rows × {dim} dims")
+            raise FitInputError(f"feature space {name!r}: PCA to {pca} dims needs ≥{pca} rows and dims, "
+                                f"have {Z.shape[0]} rows × {dim} dims")
         center = Z.mean(0)
         _, _, vt = np.linalg.svd(Z - center, full_matrices=False)
         space.pca_components = vt[:k].astype(np.float32)
@@ -139,14 +146,14 @@ def prepare_space(name: str, runs: list[np.ndarray], pca: int | None, provenance
 def loro_splits(lengths: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Leave-one-run-out (train, test) index pairs over runs concatenated in order.
 
-    With fewer than 3 runs an inner LORO would train on one run only, so 5 contiguous folds are
-    used instead (still no shuffling: neighbouring TRs are correlated).
+    With fewer than 3 runs an inner LORO would train on one run only, so ``CONTIGUOUS_FOLDS``
+    contiguous folds are used instead (still no shuffling: neighbouring TRs are correlated).
     """
     edges = np.concatenate([[0], np.cumsum(lengths)])
     n = int(edges[-1])
     if len(lengths) >= 3:
         return [(np.r_[0:edges[i], edges[i + 1]:n], np.arange(edges[i], edges[i + 1])) for i in range(len(lengths))]
-    folds = np.array_split(np.arange(n), 5)
+    folds = np.array_split(np.arange(n), CONTIGUOUS_FOLDS)
     return [(np.setdiff1d(np.arange(n), f), f) for f in folds]
 
 
@@ -312,10 +319,11 @@ def prepare_design(bold_runs: list[np.ndarray], feature_runs: dict[str, list[np.
     n_runs = len(bold_runs)
     for name, runs in feature_runs.items():
         if len(runs) != n_runs:
-            raise ValueError(f"feature space {name!r} has {len(runs)} runs, BOLD has {n_runs}")
+            raise FitInputError(f"feature space {name!r} has {len(runs)} runs, BOLD has {n_runs}")
         for i, (x, y) in enumerate(zip(runs, bold_runs)):
             if len(x) != len(y):
-                raise ValueError(f"run {i + 1}: {len(x)} feature rows of space {name!r} for {len(y)} BOLD volumes")
+                raise FitInputError(f"run {i + 1}: {len(x)} feature rows of space {name!r} for {len(y)} "
+                                    "BOLD volumes")
     provenance = provenance or {}
     spaces, transformed = [], []
     for name, runs in feature_runs.items():
@@ -365,6 +373,11 @@ def fit_encoding(
 
     result = FitResult(weights=None)  # type: ignore[arg-type]
     scoring = cfg.score and n_runs >= 2
+    alpha_cv = "leave-one-run-out" if n_runs >= 3 else f"{CONTIGUOUS_FOLDS} contiguous folds (fewer than 3 runs)"
+    if n_runs == 1:  # the method needs runs to hold out: say so instead of writing weights silently
+        result.warnings.append(f"one run only: alphas were chosen by {CONTIGUOUS_FOLDS} contiguous folds within "
+                               "it, not by leave-one-run-out CV, and no held-out scores exist (fit ≥2 runs for "
+                               "scores, ≥3 for leave-one-run-out alphas)")
     with himalaya_backend(cfg.backend, cfg.blas_threads) as backend, _progress(cfg.progress) as progress:
         task = progress.add_task(f"ridge fit ({designs[0].shape[1]} features × {ys[0].shape[1]} voxels)",
                                  total=(n_runs if scoring else 0) + 1)
@@ -390,7 +403,8 @@ def fit_encoding(
         provenance={
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "n_runs": n_runs, "n_trs": lengths, "pca": cfg.pca, "backend": cfg.backend,
-            "alphas": [float(a) for a in cfg.alphas], "zscore": "per run (fit); pooled train stats (apply)",
+            "alphas": [float(a) for a in cfg.alphas], "alpha_cv": alpha_cv,
+            "zscore": "per run (fit); pooled train stats (apply)", "warnings": list(result.warnings),
             **(extra_provenance or {}),
         },
     )
@@ -412,7 +426,7 @@ def partition_variance(bold_runs: list[np.ndarray], space_a: tuple[str, list[np.
     """CV R² of A, B and the banded joint A∪B model, and the variance partition per voxel."""
     (name_a, runs_a), (name_b, runs_b) = space_a, space_b
     if len(bold_runs) < 2:
-        raise ValueError("variance partitioning needs ≥2 runs (scores are leave-one-run-out)")
+        raise FitInputError("variance partitioning needs ≥2 runs (scores are leave-one-run-out)")
     r2 = {}
     with himalaya_backend(cfg.backend, cfg.blas_threads) as backend, _progress(cfg.progress) as progress:
         models = (("a", {name_a: runs_a}), ("b", {name_b: runs_b}), ("joint", {name_a: runs_a, name_b: runs_b}))

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import zmq
@@ -29,6 +29,12 @@ from services.transport import (
 )
 
 log = logging.getLogger("neuroarcade.agent")
+
+# Per-decision samples kept for percentiles, as the emulator keeps its clients' (bounded: an agent
+# can run for hours at 15 decisions/s); counts and maxima cover the whole run.
+STATS_WINDOW = 10_000
+# Error messages kept as samples (a model failing on every frame must not grow memory); all are counted.
+ERROR_SAMPLES = 100
 
 
 @dataclass
@@ -64,11 +70,12 @@ class AgentServiceConfig:
 class _ConditionStats:
     decisions: int = 0
     activations: int = 0
-    latencies_ns: list[int] = field(default_factory=list)
+    latencies_ns: deque[int] = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
+    """Frame received → decided, the last ``STATS_WINDOW`` decisions."""
 
 
-def _pct(values: list[int], q: float) -> float:
-    return float(np.percentile(np.asarray(values) / 1e6, q)) if values else 0.0
+def _pct(values: Sequence[int], q: float) -> float:
+    return float(np.percentile(np.asarray(values) / 1e6, q)) if len(values) else 0.0
 
 
 def frame_ref(f: Frame) -> FrameRef:
@@ -140,12 +147,18 @@ class AgentService:
         self.ready = threading.Event()
         """Set once joined and the activation socket is bound."""
         self.stats = {c: _ConditionStats() for c in agent.conditions}
-        self.frame_ages_ns: list[int] = []
-        """Time from the frame's emulator time stamp to the decision starting on it (same host only)."""
-        self.decided_seqs: list[int] = []
+        self.frame_ages_ns: deque[int] = deque(maxlen=STATS_WINDOW)
+        """Time from the frame's emulator time stamp to the decision starting on it (same host only; recent window)."""
+        self.frame_age_max_ns = 0
+        """The largest frame age of the whole run."""
+        self.decided_seqs: deque[int] = deque(maxlen=STATS_WINDOW)
+        """Sequence numbers of the frames decided on (recent window)."""
         self.decisions = 0
         self.illegal = 0
         self.errors: list[str] = []
+        """The first ``ERROR_SAMPLES`` error messages; ``errors_total`` counts them all."""
+        self.errors_total = 0
+        self._errors_lock = threading.Lock()  # both threads report errors
         self.fatal: BaseException | None = None
         self.stage_ms: dict[str, float] = {}
         self._mailbox = _Mailbox()
@@ -205,6 +218,7 @@ class AgentService:
         poller = zmq.Poller()
         poller.register(client.sub, zmq.POLLIN)
         poller.register(wake_rx, zmq.POLLIN)
+        last_put: tuple[str, int] = ("", -1)
         while not self.stop_event.is_set():
             if cfg.duration_s is not None and time.monotonic() - t_start >= cfg.duration_s:
                 break
@@ -219,6 +233,9 @@ class AgentService:
             frame = client.next_frame(timeout_ms=0)
             if frame is None or client.welcome is None or frame.session_id != client.welcome.session_id:
                 continue  # nothing new, or a rejoin is still under way
+            if frame.session_id == last_put[0] and frame.seq <= last_put[1]:
+                continue  # a lockstep re-publication of a frame already taken: decide once per frame
+            last_put = (frame.session_id, frame.seq)
             self._mailbox.put(_Pending(frame, tuple(client.welcome.action_meanings), time.monotonic_ns()))
 
     def _send_actions(self, client: GameClient) -> None:
@@ -231,7 +248,7 @@ class AgentService:
                 client.act(frame, choice.action, probs=[float(p) for p in choice.probs],
                            condition=choice.condition, latency_ns=latency_ns)
             except zmq.Again:
-                self.errors.append(f"frame {frame.seq}: action not sent (emulator unreachable)")
+                self._error(f"frame {frame.seq}: action not sent (emulator unreachable)")
 
     # --- decision thread -----------------------------------------------------------------------
 
@@ -278,8 +295,8 @@ class AgentService:
         except FatalAgentError:
             raise
         except Exception as err:  # a bad frame or model error is counted, never kills the service
-            self.errors.append(f"frame {frame.seq}: {type(err).__name__}: {str(err)[:300]}")
-            if len(self.errors) <= 3:  # the first few with a traceback; then only counted
+            if self._error(f"frame {frame.seq}: {type(err).__name__}: {str(err)[:300]}") <= 3:
+                # the first few with a traceback; then only counted
                 log.exception("%s: decision failed on frame %d", self.cfg.agent_id, frame.seq)
             return None
         if decision is None:
@@ -289,6 +306,7 @@ class AgentService:
         self.decisions += 1
         self.decided_seqs.append(frame.seq)
         self.frame_ages_ns.append(started_ns - frame.t_ns)
+        self.frame_age_max_ns = max(self.frame_age_max_ns, started_ns - frame.t_ns)
         for k, v in decision.timings_ms.items():
             self.stage_ms[k] = self.stage_ms.get(k, 0.0) + v
         for choice in decision.choices:
@@ -301,6 +319,14 @@ class AgentService:
             st.latencies_ns.append(latency_ns)
         wake()  # actions leave before the activations are encoded and published
         return decision
+
+    def _error(self, message: str) -> int:
+        """Count an error, keep its message while fewer than ``ERROR_SAMPLES`` are kept; returns the count."""
+        with self._errors_lock:
+            self.errors_total += 1
+            if len(self.errors) < ERROR_SAMPLES:
+                self.errors.append(message)
+            return self.errors_total
 
     def _publish(self, pub: Channel, decision: Decision) -> None:
         t_ns = time.monotonic_ns()
@@ -330,7 +356,7 @@ class AgentService:
         status = Status(service="agent", session_id=session, t_ns=time.monotonic_ns(),
                         seq=self.decided_seqs[-1] if self.decided_seqs else -1, steps=self.decisions,
                         received=st.frames_received if st else 0, sent=st.actions_sent if st else 0,
-                        rejected=client._sub_channel.counters.rejected if client is not None else 0,
+                        rejected=client.rejected if client is not None else 0,
                         clients={self.cfg.agent_id: client.role if client is not None else self.cfg.role})
         try:
             pub.send(status, topic=TOPIC_HEARTBEAT, flags=zmq.NOBLOCK)
@@ -342,16 +368,16 @@ class AgentService:
         client = self._client
         st = client.stats if client is not None else None
         stats = list(self.stats.items())  # the decision thread may add a condition meanwhile
-        recent = {c: list(s.latencies_ns[-1000:]) for c, s in stats}
-        ages = self.frame_ages_ns[-1000:]
+        recent = {c: list(s.latencies_ns)[-1000:] for c, s in stats}  # list(): a copy the decision thread cannot move
+        ages = list(self.frame_ages_ns)[-1000:]
         return {
             "counters": {
                 "frames_received": st.frames_received if st else 0,
                 "frames_skipped": (st.frames_skipped if st else 0) + self._mailbox.replaced,
-                "frames_rejected": client._sub_channel.counters.rejected if client is not None else 0,
+                "frames_rejected": client.rejected if client is not None else 0,
                 "decisions": self.decisions, "actions_sent": st.actions_sent if st else 0,
                 "activations_published": {c or "-": s.activations for c, s in stats},
-                "illegal_actions": self.illegal, "errors": len(self.errors) + (len(st.errors) if st else 0),
+                "illegal_actions": self.illegal, "errors": self.errors_total + (st.errors_total if st else 0),
                 "rejoins": st.rejoins if st else 0,
             },
             "gauges": {
@@ -377,9 +403,9 @@ class AgentService:
             "frames_received": client.stats.frames_received,
             "rejoins": client.stats.rejoins, "illegal_actions": self.illegal,
             "frame_age_p50_ms": _pct(self.frame_ages_ns, 50),
-            "frame_age_max_ms": float(max(self.frame_ages_ns) / 1e6) if self.frame_ages_ns else 0.0,
+            "frame_age_max_ms": self.frame_age_max_ns / 1e6,
             "stage_mean_ms": {k: v / max(self.decisions, 1) for k, v in self.stage_ms.items()},
-            "errors_total": len(self.errors) + len(client.stats.errors),
+            "errors_total": self.errors_total + client.stats.errors_total,
             "errors": self.errors[:5] + client.stats.errors[:5],
         }
 

@@ -164,33 +164,18 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def replay_frames(rec) -> Iterator[FrameRef]:
-    """Re-run a recording headless and yield every frame as agents see it, checking every hash.
+    """Re-run a recording headless (:func:`services.game.replay_headless`, as ``verify_replay``)
+    and yield every frame as agents see it. Raises :class:`ReplayError` on the first frame whose
+    hash differs from the recorded one, or when the recording cannot be replayed here."""
+    from services.game import replay_headless
 
-    Same stepping as ``services.emulator.verify_replay``: the recorded first-reset seed, the
-    recorded actions, resets where the recording has them. Raises :class:`ReplayError` on the
-    first frame whose hash differs from the recorded one.
-    """
-    from services.emulator import _check_replay_compatible
-    from services.game import GameEnv, settings_from_header
-
-    game = GameEnv(settings_from_header(rec.header), rec.header.frame_hash_algo)
     try:
-        try:
-            _check_replay_compatible(rec, game)
-        except ValueError as e:
-            raise ReplayError(f"{rec.path}: {e}") from None
-        events = sorted([(r.seq, r) for r in rec.resets] + [(s.seq, s) for s in rec.steps], key=lambda e: e[0])
-        for seq, r in events:
-            if hasattr(r, "action"):
-                pixels, *_ = game.step(r.action)
-            else:
-                pixels, _ = game.reset()
-            h = game.hash(pixels)
+        for r, pixels, h, game in replay_headless(rec):
             if h != r.frame_hash:
-                raise ReplayError(f"{rec.path}: replay diverged at seq {seq}: hash {h} != recorded {r.frame_hash}")
-            yield FrameRef(seq, r.t_ns, pixels, game.pooled_gray, game.step_in_episode)
-    finally:
-        game.close()
+                raise ReplayError(f"{rec.path}: replay diverged at seq {r.seq}: hash {h} != recorded {r.frame_hash}")
+            yield FrameRef(r.seq, r.t_ns, pixels, game.pooled_gray, game.step_in_episode)
+    except ValueError as e:
+        raise ReplayError(f"{rec.path}: {e}") from None
 
 
 def nominal_tr_s(rec, tr: float | None) -> float:

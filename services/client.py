@@ -24,6 +24,9 @@ from .transport import (
 
 log = logging.getLogger("neuroarcade.client")
 
+ERROR_SAMPLES = 100
+"""Error replies kept in ``ClientStats.errors`` (the latest; all are counted)."""
+
 
 @dataclass
 class ClientStats:
@@ -33,6 +36,14 @@ class ClientStats:
     actions_sent: int = 0
     rejoins: int = 0
     errors: list[str] = field(default_factory=list)
+    """The emulator's latest ``ERROR_SAMPLES`` Error replies (a misbehaving client can draw one per message)."""
+    errors_total: int = 0
+    """Every Error reply received."""
+
+    def add_error(self, message: str) -> None:
+        self.errors_total += 1
+        self.errors.append(message)
+        del self.errors[:-ERROR_SAMPLES]
 
 
 class GameClient:
@@ -61,6 +72,11 @@ class GameClient:
         secure_connect(self.sub, frames_endpoint, curve)
         self._sub_channel = Channel(self.sub, Decoder([Frame]), self.counters)
         self._open_dealer()
+
+    @property
+    def rejected(self) -> int:
+        """Messages our codec refused, frames and control replies alike (the two channels share ``counters``)."""
+        return self.counters.rejected
 
     # --- session -----------------------------------------------------------------------------
 
@@ -142,7 +158,7 @@ class GameClient:
             msg = self.control.decode(self.control.recv_parts())
             self._last_heard = time.monotonic()
             if isinstance(msg, Error):
-                self.stats.errors.append(f"{msg.code}: {msg.detail}")
+                self.stats.add_error(f"{msg.code}: {msg.detail}")
                 log.warning("%s: emulator says %s: %s", self.client_id, msg.code, msg.detail)
         beat_s = self.welcome.heartbeat_s if self.welcome else 1.0
         now = time.monotonic()

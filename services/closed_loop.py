@@ -2,9 +2,11 @@
 
 The emulator runs in a thread of this process; every agent runs in its own spawned process
 (one small model per process, 1 torch thread), so a slow model never holds the GIL of the
-emulator or of another agent. ``run_closed_loop`` returns one summary dict (``neuroarcade
-demo --json`` prints it): per agent and prompt condition ``decisions``, ``latency_p50_ms``,
-``latency_p99_ms``, ``activations``, ``stale_skipped``.
+emulator or of another agent. ``run_closed_loop`` is a self-contained loop (a live game, a temporary
+recording, no participant) that returns one summary dict: per agent and prompt condition
+``decisions``, ``latency_p50_ms``, ``latency_p99_ms``, ``activations``, ``stale_skipped``. It is not
+the demo's loop: ``neuroarcade demo`` and ``replay-session`` replay a participant's run through
+``services.session.ClosedLoop``, which starts the same :class:`AgentProcesses`.
 """
 
 from __future__ import annotations
@@ -130,8 +132,13 @@ class AgentProcesses:
 
 
 def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_dir: str | None = None,
-                    agents: list[AgentSpec] | None = None, startup_timeout_s: float = 120.0) -> dict:
+                    agents: list[AgentSpec] | None = None, startup_timeout_s: float = 120.0,
+                    min_actions: int = 0, min_actions_timeout_s: float = 300.0) -> dict:
     """Start emulator + agents on loopback, run ``duration_s`` once all agents joined, return the summary.
+
+    ``min_actions``: then keep running until the emulator accepted at least this many actions from every
+    agent (at most ``min_actions_timeout_s`` more): a count to wait on, where a loaded machine can make a
+    model's first decisions take longer than ``duration_s``.
 
     Without ``agents``: an RL controller (random Nature-CNN PPO unless a checkpoint is given) and a
     tiny-VLM observer with conditions ``action`` and ``reasoning`` (built into a temp dir when
@@ -162,6 +169,10 @@ def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_d
         steps_at_start = emulator.steps
         t0 = time.monotonic()
         time.sleep(duration_s)
+        deadline = time.monotonic() + min_actions_timeout_s
+        while min_actions and time.monotonic() < deadline and not all(
+                _accepted_actions(emulator).get(spec.agent_id, 0) >= min_actions for spec in agents):
+            time.sleep(0.05)
         run_s = time.monotonic() - t0
         steps_in_run = emulator.steps - steps_at_start
         summaries = pool.stop()
@@ -169,6 +180,16 @@ def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_d
         emu_thread.join(10)
         emu = emu_result.get("summary")
     return _report(agents, summaries, run_s, steps_in_run, game, emu)
+
+
+def _accepted_actions(emulator) -> dict[str, int]:
+    """client_id → actions accepted, read from the emulator thread's table (retried on a concurrent change)."""
+    for _ in range(10):
+        try:
+            return {c.client_id: c.actions for c in list(emulator.clients.values())}
+        except RuntimeError:  # the table changed size while it was copied
+            time.sleep(0.001)
+    return {}
 
 
 def _report(agents: list[AgentSpec], summaries: dict, run_s: float, steps: int, game: str, emu) -> dict:

@@ -196,6 +196,11 @@ class LiveState:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     # writers (subscriber thread) -------------------------------------------------------------------
+    def on_rejected(self) -> None:
+        """A malformed message on a subscribed stream (the channel counts it by code too)."""
+        with self.lock:
+            self._bump("rejected")
+
     def on_frame(self, f: Frame) -> None:
         px = np.ascontiguousarray(f.pixels, dtype=np.uint8)
         h, w = px.shape[:2]
@@ -426,7 +431,7 @@ class Subscriber:
             _, body = split_topic(parts)
             msg = ch.decode(body)
             if msg is None:
-                self.state._bump("rejected")  # malformed: counted by the channel too; never raised
+                self.state.on_rejected()  # malformed: never raised
             elif isinstance(msg, Frame):
                 newest_frame = msg  # only the newest frame of a burst is worth decoding into the page
             else:

@@ -34,7 +34,9 @@ from protocols import (
     Action, Bye, Error, ErrorCode, Frame, Heartbeat, Hello, ProtocolError, Status, Trigger, Welcome,
 )
 
-from .game import FRAME_HASH, GameEnv, GameSettings, new_session_id, settings_from_header
+from .game import (
+    FRAME_HASH, GameEnv, GameSettings, check_replay_compatible, new_session_id, replay_headless, settings_from_header,
+)
 from .security import CurveConfig, ServerSecurity
 from .recording import ActionLog, End, Recording, RecordingWriter, Reset, Step, TriggerMark, read_recording
 from .transport import (
@@ -156,7 +158,7 @@ class Emulator:
             settings = settings_from_header(self.source.header)
         self.game = GameEnv(settings, self.source.header.frame_hash_algo if self.source else FRAME_HASH)
         if self.source is not None:
-            _check_replay_compatible(self.source, self.game)
+            check_replay_compatible(self.source, self.game)
         self.session_id = new_session_id()
         self.ctx = ctx or zmq.Context.instance()
         self.counters = Counters()
@@ -599,19 +601,6 @@ def _client_stats(c: _Client) -> dict:
     }
 
 
-def _check_replay_compatible(src: Recording, game: GameEnv) -> None:
-    h = src.header
-    md5 = game.rom_md5()
-    if md5 != h.rom_md5:
-        raise ValueError(f"ROM of {h.game} differs from the recording's (md5 {md5} != {h.rom_md5})")
-    if game.action_meanings != h.action_meanings:
-        raise ValueError(f"action set differs from the recording's: {game.action_meanings} != {h.action_meanings}")
-    import ale_py
-
-    if ale_py.__version__ != h.ale_py_version:
-        log.warning("recording made with ale-py %s, replaying with %s", h.ale_py_version, ale_py.__version__)
-
-
 # --- headless work (no sockets) -----------------------------------------------------------
 
 
@@ -694,25 +683,16 @@ class VerifyResult:
 def verify_replay(path: str | os.PathLike, progress=None) -> VerifyResult:
     """Re-run a recording headless and compare every frame hash (bit-exactness)."""
     rec = read_recording(path)
-    game = GameEnv(settings_from_header(rec.header), rec.header.frame_hash_algo)
-    try:
-        _check_replay_compatible(rec, game)
-        events = sorted([(r.seq, "reset", r) for r in rec.resets] + [(s.seq, "step", s) for s in rec.steps],
-                        key=lambda e: e[0])
-        for n, (seq, kind, r) in enumerate(events):
-            if kind == "reset":
-                pixels, _ = game.reset()
-            else:
-                pixels, *_ = game.step(r.action)
-            h = game.hash(pixels)
-            if h != r.frame_hash:
-                return VerifyResult(False, n + 1, seq, f"{kind} at seq {seq}: hash {h} != recorded {r.frame_hash}",
-                                    rec.truncated)
-            if progress is not None:
-                progress(n + 1, len(events))
-        return VerifyResult(True, len(events), None, f"{len(events)} frames bit-exact", rec.truncated)
-    finally:
-        game.close()
+    total = len(rec.resets) + len(rec.steps)
+    n = 0
+    for n, (r, _, h, _) in enumerate(replay_headless(rec), 1):
+        if h != r.frame_hash:
+            kind = "step" if isinstance(r, Step) else "reset"
+            return VerifyResult(False, n, r.seq, f"{kind} at seq {r.seq}: hash {h} != recorded {r.frame_hash}",
+                                rec.truncated)
+        if progress is not None:
+            progress(n, total)
+    return VerifyResult(True, n, None, f"{n} frames bit-exact", rec.truncated)
 
 
 def install_signal_handlers(emulator: Emulator) -> None:

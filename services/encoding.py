@@ -129,6 +129,11 @@ class EncodingCore:
         self.ignored = 0
         """Activations of the same model under another prompt condition or pooling (not for these weights)."""
 
+    @property
+    def pending_volumes(self) -> int:
+        """Measured volumes waiting for their prediction (at most ``max_pending_volumes``)."""
+        return len(self._pending_volumes)
+
     # --- inputs -----------------------------------------------------------------------------
     def reject(self, err: InputError) -> None:
         """Count a rejected input; log the first of each kind (callers keep going)."""
@@ -388,7 +393,7 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
                          "inputs_rejected": dict(core.errors), "predictions_published": published[0],
                          "trs_predicted": len(core.predictions), "trs_scored": core.roi_scores.n,
                          "triggers": len(core.triggers), "late_activations": sum(x.late for x in a)},
-            "gauges": {"tr_index": core.predictor.t, "pending_volumes": len(core._pending_volumes),
+            "gauges": {"tr_index": core.predictor.t, "pending_volumes": core.pending_volumes,
                        "stamps_kept": len(stamps)},
             "labels": {"messages_rejected": "code", "inputs_rejected": "kind"},
         }

@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Iterator
 
 import ale_py
 import gymnasium as gym
@@ -20,7 +21,7 @@ import xxhash
 
 from protocols import PROTOCOL_VERSION
 
-from .recording import FORMAT_VERSION, Header
+from .recording import FORMAT_VERSION, Header, Recording, Reset, Step
 
 gym.register_envs(ale_py)
 
@@ -158,6 +159,39 @@ class GameEnv:
 
     def close(self) -> None:
         self.env.close()
+
+
+def check_replay_compatible(rec: Recording, game: GameEnv) -> None:
+    """Refuse to replay ``rec`` on a game that cannot reproduce it (other ROM or action set);
+    warn on another ale-py version (frames usually still match; replay checks every hash)."""
+    import logging
+
+    h = rec.header
+    md5 = game.rom_md5()
+    if md5 != h.rom_md5:
+        raise ValueError(f"ROM of {h.game} differs from the recording's (md5 {md5} != {h.rom_md5})")
+    if game.action_meanings != h.action_meanings:
+        raise ValueError(f"action set differs from the recording's: {game.action_meanings} != {h.action_meanings}")
+    if ale_py.__version__ != h.ale_py_version:
+        logging.getLogger("neuroarcade.game").warning(
+            "recording made with ale-py %s, replaying with %s", h.ale_py_version, ale_py.__version__)
+
+
+def replay_headless(rec: Recording) -> "Iterator[tuple[Reset | Step, np.ndarray, str, GameEnv]]":
+    """Step a new game through the recording's resets and steps in ``seq`` order: the recorded
+    first-reset seed, the recorded actions. Yields ``(record, pixels, hash, game)`` per frame, the
+    hash made with the recording's algorithm (callers compare it with ``record.frame_hash``);
+    ``game`` carries the frame's ``pooled_gray`` and ``step_in_episode``. The one headless replay
+    loop (verification, batch extraction); the emulator's replay mode adds pacing and triggers."""
+    game = GameEnv(settings_from_header(rec.header), rec.header.frame_hash_algo)
+    try:
+        check_replay_compatible(rec, game)
+        events = sorted([*rec.resets, *rec.steps], key=lambda r: r.seq)
+        for r in events:
+            pixels = game.step(r.action)[0] if isinstance(r, Step) else game.reset()[0]
+            yield r, pixels, game.hash(pixels), game
+    finally:
+        game.close()
 
 
 def settings_from_header(h: Header) -> GameSettings:

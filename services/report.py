@@ -26,6 +26,12 @@ under RUN_DIR, except ``report*`` files this module wrote itself):
 ``latency.json``
     ``{"<agent>": {"<condition>": [decision latency in ms, ...]}}``; an optional top-level
     ``"staleness_ms"`` key holds the same structure for frame staleness.
+``recovery.tsv`` (a replay of a synthetic participant, ``encoders.plant.Recovery``)
+    Per stream and ROI the planted r and planted variance fraction beside the recovered r and
+    its block-permutation chance band → the "Known answer" section. ``partition.tsv`` may then
+    carry ``planted_unique_<a>``, ``planted_unique_<b>``, ``planted_shared`` beside the recovered
+    parts, and ``planted.json`` (``encoders.plant.PlantedPattern``) how much the two prompt
+    conditions' features overlap.
 
 Outputs beside the HTML: ``report_scores.tsv`` (all score rows merged, long format) and
 ``report.json`` (scores, partitions, latency summaries, list of the input files used).
@@ -40,11 +46,13 @@ import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from encoders.plant import PlantedPattern, Recovery, read_rows
 
 SCORE_COLUMNS = ("r", "r_roi_mean", "cv_r", "mean_voxel_r")
 MAX_BRAIN_FIGURES = 8
@@ -65,6 +73,9 @@ class RunData:
     atlas_names: dict[int, str] = field(default_factory=dict)
     latency: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     staleness: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    recovery: list[Recovery] = field(default_factory=list)
+    """Planted beside recovered per stream and ROI (synthetic participants)."""
+    planted: PlantedPattern | None = None
     inputs: list[str] = field(default_factory=list)
 
 
@@ -101,6 +112,10 @@ def load_run(run_dir: str | Path) -> RunData:
     for path in sorted(run_dir.rglob("*.tsv")):
         if _is_ours(path) or path.name == "atlas_labels.tsv":
             continue
+        if path.name == "recovery.tsv":  # its r column restates the streams' scores: not a scores table
+            data.recovery = read_rows(path, Recovery)
+            data.inputs.append(str(path.relative_to(run_dir)))
+            continue
         rows = read_tsv(path)
         if not rows or "roi" not in rows[0]:
             continue
@@ -118,8 +133,10 @@ def load_run(run_dir: str | Path) -> RunData:
                 data.scores.append({"agent": agent, "condition": condition, "roi": roi, "score": row[metric],
                                     "metric": metric, "source": path.name, **extra})
             if len(unique_cols) >= 2:
+                planted_cols = [c for c in cols if c.startswith("planted_")]
                 data.partitions.append({"agent": agent if ("agent" in row or path.name != "partition.tsv") else "",
-                                        "roi": roi, **{c: row[c] for c in unique_cols + ["shared"] if c in row},
+                                        "roi": roi, **{c: row[c] for c in unique_cols + ["shared"] + planted_cols
+                                                       if c in row},
                                         "source": path.name})
     for path in sorted([*run_dir.rglob("*.nii"), *run_dir.rglob("*.nii.gz")]):
         if path.name.startswith("atlas") and path.name.split(".")[0] == "atlas":
@@ -140,6 +157,9 @@ def load_run(run_dir: str | Path) -> RunData:
         else:
             data.maps_3d.append(path)
         data.inputs.append(str(path.relative_to(run_dir)))
+    if (run_dir / "planted.json").exists():
+        data.planted = PlantedPattern.load(run_dir / "planted.json")
+        data.inputs.append("planted.json")
     lat = run_dir / "latency.json"
     if lat.exists():
         raw = json.loads(lat.read_text())
@@ -224,6 +244,11 @@ def fig_partition(parts: list[dict]) -> str:
             label = c.replace("unique_", "unique ") if c != "shared" else "shared"
             ax.bar(x - 0.4 + width * (k + 0.5), vals, width, label=label,
                    color=("#d95f02", "#1b9e77", "#b3b3b3")[k % 3])
+            if f"planted_{c}" in rows[0]:  # a synthetic participant: the truth as a tick over each bar
+                planted = [next((r.get(f"planted_{c}", np.nan) for r in rows if r["roi"] == roi), np.nan)
+                           for roi in rois]
+                ax.scatter(x - 0.4 + width * (k + 0.5), planted, marker="_", s=220, color="k", zorder=4,
+                           label="planted" if k == 0 else None)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(x, rois, rotation=30, ha="right")
         ax.set_ylabel("held-out R² (variance explained)")
@@ -258,6 +283,69 @@ def fig_partition_scatter(parts: list[dict]) -> str | None:
     ax.set_title("Unique variance per ROI")
     ax.legend(fontsize=8, frameon=False)
     return _png(fig)
+
+
+def fig_recovery(rows: list[Recovery]) -> str:
+    """Per stream: recovered r per ROI (bars), its chance band (grey), the planted r (black diamond)."""
+    import matplotlib.pyplot as plt
+
+    streams = list(dict.fromkeys(r.stream for r in rows))
+    fig, axes = plt.subplots(1, len(streams), figsize=(max(6.0, 4.2 * len(streams)), 3.6), squeeze=False,
+                             sharey=True)
+    for k, (ax, stream) in enumerate(zip(axes[0], streams)):
+        rs = [r for r in rows if r.stream == stream]
+        x = np.arange(len(rs))
+        ax.bar(x, [r.null_hi - r.null_lo for r in rs], 0.8, bottom=[r.null_lo for r in rs], color="0.88",
+               label="chance (95 % of the null)")
+        ax.bar(x, [r.r for r in rs], 0.45, color=f"C{k}", label="recovered r")
+        ax.scatter(x, [r.planted_r for r in rs], marker="D", s=28, color="k", zorder=4, label="planted r")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, [r.roi for r in rs], rotation=30, ha="right")
+        ax.set_title(stream.replace("__", " · "))
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("Pearson r (ROI means)")
+    axes[0][0].legend(fontsize=7, frameon=False, loc="lower left")
+    return _png(fig)
+
+
+def recovery_section(rows: list[Recovery], planted: PlantedPattern | None) -> str:
+    """HTML: planted beside recovered per stream and ROI, with the chance band and how to read it."""
+    n_trs, block, perms = rows[0].n_trs, rows[0].block, rows[0].permutations
+    chance = (f"<b>chance</b> is the 2.5–97.5 % range of r when the measured series is cut into {block}-TR blocks "
+              f"that are shuffled ({perms} permutations; blocks keep the BOLD's autocorrelation), and <b>p</b> the "
+              "share of shuffles scoring at least r.")
+    if not any(math.isfinite(r.planted_fraction) for r in rows):  # a real participant: no known answer
+        intro = (f"<p class='caption'><b>r</b>: predicted vs measured ROI means over {n_trs} TRs; {chance}</p>")
+    else:
+        intro = ("<p class='caption'>This participant is synthetic: its BOLD was planted on the VLM's action- and "
+                 "reasoning-prompt features with known parts per ROI. <b>planted r</b> is what a perfect model of the "
+                 "stream would score on this run (the planted parts it can explain vs the measured BOLD; — where "
+                 "nothing was planted on the stream), <b>recovered r</b> is what the replay scored (predicted vs "
+                 f"measured ROI means over {n_trs} TRs). {chance} A recovered r above the band and near the planted "
+                 "r means the method found what was planted. The planted r holds for the features the BOLD was "
+                 "planted on; a live replay's agents decide on other frames of each TR, which lowers r somewhat. A "
+                 "stream nothing was planted on can still score: it sees the same frames, and the planted sources "
+                 "are functions of them.</p>")
+    if planted is not None:
+        intro += f"<p class='caption'>Prompt conditions: {html.escape(planted.overlap.describe())}.</p>"
+    table = _table(["stream", "ROI", "planted R²", "planted r", "recovered r", "chance low", "chance high", "p",
+                    "above chance"],
+                   [[r.stream.replace("__", " · "), r.roi, r.planted_fraction, r.planted_r, r.r, r.null_lo,
+                     r.null_hi, r.p, "yes" if r.above_chance else "no"] for r in rows])
+    return intro + _img(fig_recovery(rows), "planted vs recovered r per ROI") + table
+
+
+def _partition_table(parts: list[dict]) -> str:
+    """Partition rows as a table; with planted columns each part shows planted beside recovered."""
+    first = parts[0]
+    named = [c for c in first if c.startswith("unique_")][:2] + (["shared"] if "shared" in first else [])
+    lead = [c for c in ("agent", "roi") if c != "agent" or any(p["agent"] for p in parts)]
+    if not any(f"planted_{c}" in first for c in named):
+        cols = [c for c in first if c != "source" and (c != "agent" or any(p["agent"] for p in parts))]
+        return _table(cols, [[p.get(c, float("nan")) for c in cols] for p in parts])
+    header = lead + [f"{c.replace('_', ' ')} {which}" for c in named for which in ("planted", "recovered")]
+    return _table(header, [[p[c] for c in lead] + [p.get(f"{w}{c}", float("nan")) for c in named
+                                                    for w in ("planted_", "")] for p in parts])
 
 
 def fig_latency(latency: dict[str, dict[str, list[float]]], title: str, xlabel: str) -> str:
@@ -391,6 +479,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     sections = [f"<h1>{html.escape(title)}</h1><p class='meta'>written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} "
                 f"from <code>{html.escape(str(run_dir))}</code>; inputs: "
                 f"{', '.join(f'<code>{html.escape(i)}</code>' for i in data.inputs)}</p>"]
+    if data.recovery:
+        known = any(math.isfinite(r.planted_fraction) for r in data.recovery)
+        sections.append("<h2 id='known-answer'>" + ("Known answer: planted vs recovered" if known else
+                                                    "Scores beside chance") + "</h2>")
+        sections.append(recovery_section(data.recovery, data.planted))
 
     # scores
     sections.append("<h2 id='scores'>Encoding scores per ROI</h2>")
@@ -416,9 +509,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
             sections.append(_img(scatter, "unique variance scatter"))
         sections.append("<p class='caption'>unique A = R²(A∪B) − R²(B), unique B = R²(A∪B) − R²(A), shared = "
                         "R²(A) + R²(B) − R²(A∪B) (Dupré la Tour et al. 2022), held-out R² averaged over the ROI's "
-                        "voxels; negative values mean no detectable unique/shared variance.</p>")
-        cols = [c for c in data.partitions[0] if c != "source" and (c != "agent" or any(p["agent"] for p in data.partitions))]
-        sections.append(_table(cols, [[p.get(c, float("nan")) for c in cols] for p in data.partitions]))
+                        "voxels; negative values mean no detectable unique/shared variance."
+                        + (" <b>planted</b>: the fraction of each voxel's variance the synthetic participant's part "
+                           "holds (ROI mean; black ticks in the figure); the recovered parts are leave-one-run-out "
+                           "R², lower by the estimation noise of a fit on a few runs."
+                           if any(k.startswith("planted_") for k in data.partitions[0]) else "") + "</p>")
+        sections.append(_partition_table(data.partitions))
     else:
         sections.append("<p class='none'>No variance partitioning results in this run "
                         "(<code>partition.tsv</code> or <code>unique_*</code> columns).</p>")
@@ -455,10 +551,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
         "\t".join(f"{r[c]:.6g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + "\n"
         for r in data.scores))
     summary = {"run_dir": str(run_dir), "inputs": data.inputs, "scores": data.scores, "partitions": data.partitions,
+               "recovery": [asdict(r) for r in data.recovery],
                "latency_ms": {a: {c: _summary(v) for c, v in conds.items()} for a, conds in data.latency.items()},
                "brain_figures": [c for c, _ in figures]}
     json_path = out.with_name("report.json")
-    json_path.write_text(json.dumps(_clean(summary), indent=2, allow_nan=False))
+    json_path.write_text(json.dumps(json_ready(summary), indent=2, allow_nan=False))
     sections.append("<h2 id='files'>Data</h2><p>Underlying numbers: "
                     f"<code>{scores_tsv.name}</code> (all score rows, long format), <code>{json_path.name}</code> "
                     "(scores, partitions, latency summaries); inputs listed at the top.</p>")
@@ -475,12 +572,12 @@ def _summary(v: list[float]) -> dict[str, float]:
     return {"n": len(v), "p50": float(p50), "p90": float(p90), "p99": float(p99), "max": float(max(v))}
 
 
-def _clean(o: Any) -> Any:
+def json_ready(o: Any) -> Any:
     """JSON-ready copy: non-finite floats → null, numpy scalars → Python, paths → str."""
     if isinstance(o, dict):
-        return {str(k): _clean(v) for k, v in o.items()}
+        return {str(k): json_ready(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
+        return [json_ready(v) for v in o]
     if isinstance(o, (np.floating, np.integer)):
         o = o.item()
     if isinstance(o, float):

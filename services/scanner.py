@@ -148,15 +148,15 @@ class SequenceTracker:
     def accept(self, index: int, path: str, now: float) -> bool:
         """Record an arrival; False = duplicate (drop it)."""
         if index in self.received:
-            self._report("duplicate", index, path, "volume already received; ignored")
+            self.report("duplicate", index, path, "volume already received; ignored")
             return False
         self.received.add(index)
         if index in self.missing:
             self.missing.discard(index)
-            self._report("late", index, path, "arrived after being declared missing; delivered anyway")
+            self.report("late", index, path, "arrived after being declared missing; delivered anyway")
         elif index < self.highest:
             self.gaps.pop(index, None)
-            self._report("out_of_order", index, path, f"arrived after volume {self.highest}")
+            self.report("out_of_order", index, path, f"arrived after volume {self.highest}")
         for gap in range(self.highest + 1, index):
             if gap not in self.received:
                 self.gaps.setdefault(gap, now)
@@ -169,9 +169,10 @@ class SequenceTracker:
             if final or now - since >= self.missing_after_s:
                 del self.gaps[gap]
                 self.missing.add(gap)
-                self._report("missing", gap, "", f"not received {self.missing_after_s:.1f} s after a later volume")
+                self.report("missing", gap, "", f"not received {self.missing_after_s:.1f} s after a later volume")
 
-    def _report(self, kind: str, index: int | None, path: str, detail: str) -> None:
+    def report(self, kind: str, index: int | None, path: str, detail: str) -> None:
+        """Record and log one stream event (the live source reports unreadable files here too)."""
         self.events.append(StreamEvent(kind, index, path, detail))
         log.warning("scanner %s: TR %s %s %s", kind, index, path, detail)
 
@@ -319,18 +320,18 @@ class FolderSource:
             if now - changed_at >= self.partial_timeout_s:
                 del pending[p]
                 self.done_paths.add(p)
-                self.tracker._report("partial", None, p, f"unreadable {self.partial_timeout_s:.1f} s after its "
-                                     f"last change, skipped: {e}")
+                self.tracker.report("partial", None, p, f"unreadable {self.partial_timeout_s:.1f} s after its "
+                                    f"last change, skipped: {e}")
             return None
         del pending[p]
         self.done_paths.add(p)
         if index is None:
-            self.tracker._report("unknown_index", None, p, "no TR index in the file (InstanceNumber / file name)")
+            self.tracker.report("unknown_index", None, p, "no TR index in the file (InstanceNumber / file name)")
             return None
         if self.expected_shape is None:
             self.expected_shape = data.shape
         elif tuple(data.shape) != tuple(self.expected_shape):
-            self.tracker._report("wrong_shape", index, p, f"shape {data.shape}, stream has {self.expected_shape}")
+            self.tracker.report("wrong_shape", index, p, f"shape {data.shape}, stream has {self.expected_shape}")
             return None
         if not self.tracker.accept(index, p, now):
             return None

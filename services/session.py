@@ -19,8 +19,11 @@ the atlas, ``partition.tsv`` from the fit, ``latency.json`` and a ``report.html`
 
 ``make_participant`` builds the synthetic participant the demo and tests use: gameplay recorded
 headless, the tiny VLM's and the RL agent's activations extracted from it, BOLD planted on the
-VLM's action- and reasoning-prompt features with known per-ROI strengths (``PLANTED``),
-and weights fitted on all runs but the last, which is left for the replay.
+VLM's action- and reasoning-prompt features with known per-ROI unique-action, unique-reasoning
+and shared parts (``encoders.plant.PLANT``, recorded in ``derivatives/truth/planted.json``),
+and weights fitted on all runs but the last, which is left for the replay. A replay of the
+held-out run then reports, per stream and ROI, the planted r beside the recovered r and its
+block-permutation chance band (``recovery.tsv``).
 """
 
 from __future__ import annotations
@@ -35,20 +38,22 @@ from typing import Callable
 
 import numpy as np
 
+from encoders.plant import PLANT
 from services.transport import free_tcp_endpoint
 
 # (agent id, kind, prompt conditions) of the default agents of a session
 DEFAULT_AGENTS = (("rl-0", "rl", ()), ("vlm-0", "vlm", ("action", "reasoning")))
 STEP_HZ = 15  # frames per second of the default games (60 Hz / frameskip 4)
 ROI_COHERENCE = 0.8
-"""Share of a voxel's planted weights (and noise) common to its ROI."""
-# Planted variance fractions per ROI of a synthetic participant: (action-prompt part, reasoning-prompt part),
-# well separated so that a replay can be checked against the ordering.
-PLANTED: dict[str, tuple[float, float]] = {
-    "visual": (0.35, 0.25), "motor_left": (0.35, 0.10), "parietal": (0.15, 0.15),
-    "prefrontal": (0.05, 0.15), "motor_right": (0.05, 0.05), "temporal": (0.01, 0.01),
-}
-PLANTED_BACKGROUND = (0.01, 0.01)
+"""Share of a voxel's planted noise common to its ROI (the planted parts are wholly regional)."""
+TINY_INIT_STD = 0.12
+"""Weight std of the participant's tiny VLM (``agents.tiny.TinyConfig.init_std``): content-dependent
+attention, so its action and reasoning prompts read different things from the frames. At the default
+0.02 their pooled states correlate at r ≈ 0.997 and nothing is unique to either; at 0.15 they are
+more distinct, but the action prompt's unique part then depends on which frames of a TR were sampled
+(r 0.30 between 3 and 15 decisions per TR, 0.52 at 0.12), which a live replay does not reproduce."""
+PLANTED_STREAMS = {"vlm-0__action": "action", "vlm-0__reasoning": "reasoning"}
+"""Streams the BOLD is planted on → their prompt condition."""
 
 
 @dataclass
@@ -56,10 +61,12 @@ class ParticipantConfig:
     """Size and truth of a synthetic participant whose BOLD is planted on agent features."""
 
     game: str = "ALE/Pong-v5"
-    runs: int = 3
-    """Runs; the last one is held out (weights are fitted on the others) for the replay."""
+    runs: int = 4
+    """Runs; the last one is held out (weights and the variance partition are fitted on the others)
+    for the replay. Three training runs of 60 TRs bring the planted partition back with the right sign
+    in every ROI; two did not (a joint model of 48 columns on 60 TRs per fold overfits)."""
     trs: int = 60
-    """Volumes per run."""
+    """Volumes per run (2 min at TR 2 s: the held-out run is what the demo replays)."""
     tr: float = 2.0
     voxel_mm: float = 10.0
     """Voxel size of the coarse MNI brain grid (10 mm → ~2k voxels)."""
@@ -86,6 +93,8 @@ class Participant:
     atlas_labels: Path
     model: str
     partition: Path | None = None
+    planted: Path | None = None
+    """``planted.json`` of a synthetic participant (``encoders.plant.PlantedPattern``); None for a real one."""
 
     @classmethod
     def load(cls, root: str | Path) -> "Participant":
@@ -95,7 +104,14 @@ class Participant:
                                     for r in desc["runs"]],
                    weights={k: root / v for k, v in desc["weights"].items()}, atlas=root / desc["atlas"],
                    atlas_labels=root / desc["atlas_labels"], model=desc["model"],
-                   partition=root / desc["partition"] if desc.get("partition") else None)
+                   partition=root / desc["partition"] if desc.get("partition") else None,
+                   planted=root / desc["planted"] if desc.get("planted") else None)
+
+    def planted_pattern(self):
+        """The planted truth (``encoders.plant.PlantedPattern``), or None for a participant not planted."""
+        from encoders.plant import PlantedPattern
+
+        return PlantedPattern.load(self.planted) if self.planted is not None and self.planted.exists() else None
 
 
 # --- making a synthetic participant --------------------------------------------------------------
@@ -112,10 +128,10 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
     (out / "derivatives").mkdir(parents=True, exist_ok=True)
     model = cfg.model
     if not model:
-        from agents.tiny import build_tiny
+        from agents.tiny import TinyConfig, build_tiny
 
         progress("building the tiny Qwen2.5-VL")
-        model = str(build_tiny(out / "derivatives" / "models" / "tiny-vlm", "vlm"))
+        model = str(build_tiny(out / "derivatives" / "models" / "tiny-vlm", "vlm", TinyConfig(init_std=TINY_INIT_STD)))
 
     # 1. gameplay, recorded headless with scanner triggers every TR
     gamelogs = []
@@ -150,7 +166,8 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
 
     # 3. BOLD planted on the VLM's action- and reasoning-prompt features
     progress("planting BOLD on the VLM features")
-    session = plant_bold(streams["vlm-0__action"], streams["vlm-0__reasoning"], cfg)
+    session, pattern = plant_bold(streams["vlm-0__action"], streams["vlm-0__reasoning"], cfg)
+    progress(f"prompt conditions: {pattern.overlap.describe()}")
 
     def place_gamelog(dest: Path, _seconds: float, run_seed: int) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +178,11 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
     shutil.rmtree(tmp, ignore_errors=True)
     truth_json = out / "derivatives" / "truth" / "truth.json"
     truth = json.loads(truth_json.read_text())
-    truth["planted_roi_strengths"] = {k: {"action": a, "reasoning": b} for k, (a, b) in PLANTED.items()}
+    truth["planted_roi_strengths"] = {p.roi: {"unique_action": p.unique_action, "unique_reasoning": p.unique_reasoning,
+                                              "shared": p.shared} for p in PLANT}
     truth["planted_on"] = {"action": provenance["vlm-0__action"], "reasoning": provenance["vlm-0__reasoning"]}
     truth_json.write_text(json.dumps(truth, indent=2))
+    planted_json = pattern.save(truth_json.with_name("planted.json"))
     featdir = out / "derivatives" / "features" / f"sub-{cfg.subject}" / "func"
     for s in synth.SPACES:  # the planted spaces are the VLM's: give their files the real provenance
         for f in paths[s]:
@@ -189,11 +208,11 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
                            tr=cfg.tr, provenance={key: provenance[key]}, roi_labels=labels,
                            roi_names=session.roi_names, atlas=str(atlas_dir / "atlas.nii.gz"))
         weights[key] = res.weights.save(wdir / f"{key}.safetensors")
-    progress("variance partitioning (action vs reasoning prompt)")
+    progress("variance partitioning (action vs reasoning prompt, leave-one-run-out over the training runs)")
     parts = partition_variance(session.bold[train], ("action", streams["vlm-0__action"][train]),
                                ("reasoning", streams["vlm-0__reasoning"][train]), fcfg)
     partition = wdir / "partition.tsv"
-    _write_partition(partition, parts, labels, session.roi_names, agent="vlm-0")
+    _write_partition(partition, parts, labels, session.roi_names, agent="vlm-0", planted=pattern)
 
     runs = [{"run": f"run-{r}", "bold": str(b.relative_to(out)),
              "gamelog": str((out / "sourcedata" / "gamelogs").relative_to(out) /
@@ -204,80 +223,36 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
             "atlas": str((atlas_dir / "atlas.nii.gz").relative_to(out)),
             "atlas_labels": str((atlas_dir / "atlas_labels.tsv").relative_to(out)),
             "partition": str(partition.relative_to(out)),
-            "planted": "BOLD = action-prompt part + reasoning-prompt part (VLM last layer, last token, PCA) "
-                       "through a double-gamma HRF at the FIR delays",
-            "planted_roi_fractions": {k: {"action": a, "reasoning": b} for k, (a, b) in PLANTED.items()}}
+            "planted": str(planted_json.relative_to(out)),
+            "planted_how": "BOLD = unique-action + unique-reasoning + shared parts per ROI, on canonical variates "
+                           "of the VLM's action- and reasoning-prompt features (last layer, last token, PCA) "
+                           "through a double-gamma HRF at the FIR delays (encoders/plant.py)"}
     (out / "derivatives" / "neuroarcade_session.json").write_text(json.dumps(desc, indent=2))
     return Participant.load(out)
 
 
 def plant_bold(features_a: list[np.ndarray], features_b: list[np.ndarray], cfg: ParticipantConfig):
-    """A SynthSession whose BOLD is driven by two real feature spaces (A = action, B = reasoning).
+    """A SynthSession whose BOLD is planted on two real feature spaces (A = action, B = reasoning), and its truth.
 
-    Each space is z-scored per run and reduced to ``cfg.pca`` components; voxel weights follow the
-    HRF over the FIR delays; per ROI, parts A and B explain the fractions of ``PLANTED`` of the
-    variance (jittered per voxel); Gaussian noise fills the rest. The realised variances are saved
-    as the truth, since A and B correlate.
+    Per ROI, a unique-A, a unique-B and a shared part with the fractions of ``encoders.plant.PLANT``
+    (``encoders.plant.plant``); returns (SynthSession, PlantedPattern).
     """
     from encoders import synth
-    from encoders.weights import delay_run
+    from encoders.plant import plant
 
-    rng = np.random.default_rng(cfg.seed)
     scfg = synth.SynthConfig(n_runs=len(features_a), n_trs=cfg.trs, tr=cfg.tr, voxel_mm=cfg.voxel_mm,
                              seed=cfg.seed, subject=cfg.subject, task=cfg.game.split("/")[-1].split("-")[0].lower(),
                              model="planted on agent features", space_dim=features_a[0].shape[1])
     mask, affine = synth.brain_grid(cfg.voxel_mm)
     atlas, roi_names = synth.roi_atlas(mask, affine)
-    labels = atlas[mask]
-    n_vox = int(mask.sum())
-    planted = np.array([PLANTED_BACKGROUND] + [PLANTED[roi_names[k]] for k in sorted(roi_names)])[labels]
-    rho = planted * rng.uniform(0.8, 1.0, size=(n_vox, 1))
-    hrf = synth.double_gamma_hrf(np.asarray(scfg.delays, float) * cfg.tr)
-
-    def sources(runs: list[np.ndarray]) -> list[np.ndarray]:
-        z = [(x - x.mean(0)) / (x.std(0) + 1e-6) for x in runs]
-        _, _, vt = np.linalg.svd(np.concatenate(z), full_matrices=False)
-        proj = [zi @ vt[: cfg.pca].T for zi in z]
-        sd = np.concatenate(proj).std(0).clip(1e-6)
-        return [p / sd for p in proj]
-
-    src = {"a": sources(features_a), "b": sources(features_b)}
-    k = {g: s[0].shape[1] for g, s in src.items()}
-    # voxel weights share a per-ROI pattern (coherence ``ROI_COHERENCE``) so ROI-mean time courses carry
-    # the signal, as regional responses do; the rest is voxel-specific
-    w = {}
-    for g in src:
-        roi_pattern = rng.standard_normal((k[g], labels.max() + 1))[:, labels]
-        voxel = np.sqrt(ROI_COHERENCE) * roi_pattern + np.sqrt(1 - ROI_COHERENCE) * rng.standard_normal((k[g], n_vox))
-        w[g] = np.kron(hrf[:, None], np.ones((k[g], 1))) * np.tile(voxel, (len(hrf), 1))
-    raw = [{g: delay_run(src[g][r], scfg.delays) @ w[g] for g in src} for r in range(len(features_a))]
-    scale = {g: np.sqrt(rho[:, i] / np.concatenate([p[g] for p in raw]).var(0).clip(1e-12)) for i, g in enumerate("ab")}
-    baseline = rng.uniform(500, 1500, size=n_vox)
-    bold, signals, ys, parts_all = [], [], [], []
-    for p in raw:
-        parts = {g: p[g] * scale[g] for g in src}
-        signal = parts["a"] + parts["b"]
-        # noise is regionally coherent too (physiological noise is), so ROI means keep the voxels' SNR
-        roi_noise = rng.standard_normal((len(signal), labels.max() + 1))[:, labels]
-        noise = np.sqrt(ROI_COHERENCE) * roi_noise + np.sqrt(1 - ROI_COHERENCE) * rng.standard_normal(signal.shape)
-        y = signal + cfg.noise * noise * np.sqrt(np.clip(1 - rho.sum(1), 0.05, None))
-        bold.append((baseline + 10.0 * y).astype(np.float32))
-        signals.append(signal)
-        ys.append(y)
-        parts_all.append(parts)
-    Y, S = np.concatenate(ys), np.concatenate(signals)
-    var_y = Y.var(0)
-    truth = {
-        "true_r": synth._corr(S, Y),
-        "unique_action": np.concatenate([p["a"] for p in parts_all]).var(0) / var_y,
-        "unique_reasoning": np.concatenate([p["b"] for p in parts_all]).var(0) / var_y,
-        "rho_action": rho[:, 0], "rho_reasoning": rho[:, 1], "roi_labels": labels.astype(np.int32), "hrf": hrf,
-    }
-    truth = {key: np.asarray(v, dtype=np.float32 if np.asarray(v).dtype.kind == "f" else None)
-             for key, v in truth.items()}
+    planted = plant(features_a, features_b, atlas[mask], roi_names, pca=cfg.pca, delays=scfg.delays, tr=cfg.tr,
+                    coherence=ROI_COHERENCE, noise=cfg.noise, seed=cfg.seed)
+    planted.pattern.streams = dict(PLANTED_STREAMS)
+    baseline = np.random.default_rng(cfg.seed + 1).uniform(500, 1500, size=int(mask.sum()))
+    bold = [(baseline + 10.0 * y).astype(np.float32) for y in planted.y]
     feats = {"action": [np.asarray(f, np.float32) for f in features_a],
              "reasoning": [np.asarray(f, np.float32) for f in features_b]}
-    return synth.SynthSession(scfg, mask, affine, atlas, roi_names, bold, feats, truth)
+    return synth.SynthSession(scfg, mask, affine, atlas, roi_names, bold, feats, planted.truth), planted.pattern
 
 
 def extraction_specs(model: str) -> dict:
@@ -294,20 +269,23 @@ def stream_key(agent_id: str, condition: str) -> str:
     return f"{agent_id}__{condition or 'policy'}"
 
 
-def planted_roi_strength() -> dict[str, float]:
-    """Total planted variance fraction per ROI (before per-voxel jitter)."""
-    return {name: float(sum(parts)) for name, parts in PLANTED.items()}
-
-
 def _write_partition(path: Path, parts: dict[str, np.ndarray], labels: np.ndarray, roi_names: dict[int, str],
-                     agent: str) -> None:
-    rows = ["agent\troi\tn_voxels\tunique_action\tunique_reasoning\tshared"]
+                     agent: str, planted=None) -> None:
+    """ROI means of the per-voxel partition, beside the realised planted parts of a ``PlantedPattern``."""
+    from encoders.plant import PartitionRow, write_rows
+
+    rows = []
     for idx, name in [(0, "all")] + sorted(roi_names.items()):
-        sel = labels > 0 if idx == 0 else labels == idx
-        if sel.any():
-            rows.append(f"{agent}\t{name}\t{int(sel.sum())}\t" + "\t".join(
-                f"{float(parts[k][sel].mean()):.6f}" for k in ("unique_a", "unique_b", "shared")))
-    path.write_text("\n".join(rows) + "\n")
+        sel = np.ones(len(labels), bool) if idx == 0 else labels == idx  # 'all' as the scores count it: every voxel
+        if not sel.any():
+            continue
+        truth = {} if planted is None else {
+            "planted_unique_action": planted.roi(name).realised_unique_action,
+            "planted_unique_reasoning": planted.roi(name).realised_unique_reasoning,
+            "planted_shared": planted.roi(name).realised_shared}
+        rows.append(PartitionRow(agent, name, int(sel.sum()), *(float(parts[k][sel].mean())
+                                                                for k in ("unique_a", "unique_b", "shared")), **truth))
+    write_rows(path, rows)
 
 
 # --- replaying a session with agents ------------------------------------------------------------
@@ -431,8 +409,10 @@ class ClosedLoop:
         agents = _report(self.specs, summaries, emu.duration_s if emu else 0.0, emu.steps if emu else 0, game, emu)
         for entry in agents["agents"]:  # keep the first error messages, not only their count
             entry["error_samples"] = summaries.get(entry["agent_id"], {}).get("errors", [])[:3]
+        recovery = _recovery_from_outputs(self.p, run, self.out, self.streams) if run != "live" else None
         return _finish(self.out, run, self.streams, agents, self.encoder_reports, self.progress,
-                       replay_verified=bool(emu and emu.hash_mismatches == 0 and emu.steps > 0))
+                       replay_verified=bool(emu and emu.hash_mismatches == 0 and emu.steps > 0),
+                       participant=self.p, recovery=recovery)
 
 
 def replay_session(plan: ReplayPlan, progress: Callable[[str], None] = print) -> dict:
@@ -541,7 +521,7 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
     import nibabel as nib
     from rich.progress import Progress
 
-    from encoders.weights import EncodingWeights
+    from encoders.weights import EncodingWeights, roi_table
     from services.batch import ExtractConfig, Job, run_job
 
     out = Path(out)
@@ -551,6 +531,7 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
     xcfg = ExtractConfig(stride=cfg["stride"], tr=cfg["tr"], seed=cfg["seed"])
     weights = {k: EncodingWeights.load(v) for k, v in participant.weights.items()}
     rows = []
+    series: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}  # stream → per run (pred, measured) ROI means
     with Progress() as bar:
         task = bar.add_task("replaying runs", total=len(runs) * len(specs))
         for run_label in runs:
@@ -567,7 +548,9 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
                     n = min(len(feats), img.shape[3])
                     pred = w.predict([feats[:n]])
                     measured = np.asarray(img.dataobj[..., :n], dtype=np.float32)[w.mask].T
-                    for roi, r in _roi_scores(w, pred, measured).items():
+                    names, p_roi, m_roi = _roi_series(w, pred, measured)
+                    series.setdefault(key, []).append((p_roi, m_roi))
+                    for roi, r in zip(names, _pearson_columns(p_roi, m_roi)):
                         rows.append({"run": run_label, "agent": agent_id, "condition": res.meta[name]["condition"],
                                      "roi": roi, "r": r, "n_trs": n})
                 bar.advance(task)
@@ -577,7 +560,10 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
     for stem, rs in stem_rows.items():
         _write_tsv(out / f"{stem}_scores.tsv", rs)
     _copy_session_files(participant, out)
-    return _finish(out, ",".join(runs), list(stem_rows), None, {}, progress, replay_verified=True)
+    recovery = [row for key, per_run in series.items()
+                for row in _recovery(participant, runs, key, roi_table(weights[key]), per_run)]
+    return _finish(out, ",".join(runs), list(stem_rows), None, {}, progress, replay_verified=True,
+                   participant=participant, recovery=recovery)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -613,16 +599,72 @@ def _tr(path) -> float:
     return float(nib.load(str(path)).header.get_zooms()[3] or 2.0)
 
 
-def _roi_scores(w, pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
-    """Pearson r of ROI-mean time courses (z-scored measured), as the encoding service scores."""
+def _roi_series(w, pred: np.ndarray, measured: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """ROI names and (T, R) ROI-mean time courses of predicted (T, V) and measured (T, V), the measured
+    z-scored per voxel first (a batch replay has the whole run)."""
     from encoders.weights import roi_table
 
     m = (measured - measured.mean(0)) / (measured.std(0) + 1e-9)
-    out = {}
-    for name, idx in roi_table(w):
-        a, b = pred[:, idx].mean(1), m[:, idx].mean(1)
-        out[name] = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    table = roi_table(w)
+    return ([name for name, _ in table], np.stack([pred[:, idx].mean(1) for _, idx in table], 1),
+            np.stack([m[:, idx].mean(1) for _, idx in table], 1))
+
+
+def _pearson_columns(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Pearson r of each column pair of (T, R) arrays (nan where one is constant)."""
+    return [float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan") for x, y in zip(a.T, b.T)]
+
+
+def _recovery(p: Participant, runs: list[str], stream: str, rois: list[tuple[str, np.ndarray]],
+              per_run: list[tuple[np.ndarray, np.ndarray]]) -> list:
+    """Planted beside recovered per ROI for one stream, from its per-run (pred, measured) ROI means (T_i, R).
+
+    The chance band is ``encoders.plant.block_null`` over the same series. The planted r applies to
+    the held-out run only (nan when other runs are replayed); the planted fraction to every run.
+    """
+    from encoders.plant import Recovery, block_null
+
+    pattern = p.planted_pattern()
+    agent, _, condition = stream.partition("__")
+    pred = np.concatenate([a for a, _ in per_run])
+    measured = np.concatenate([b for _, b in per_run])
+    lengths = [len(a) for a, _ in per_run]
+    held_out = pattern is not None and runs == [f"run-{pattern.held_out_run}"]
+    out = []
+    for (roi, _), band in zip(rois, block_null(pred, measured, lengths)):
+        out.append(Recovery(
+            agent=agent, condition="" if condition == "policy" else condition, roi=roi,
+            planted_fraction=pattern.planted_fraction(stream, roi) if pattern else float("nan"),
+            planted_r=pattern.planted_r(stream, roi) if held_out else float("nan"),
+            r=band.r, null_lo=band.lo, null_hi=band.hi, p=band.p, n_trs=len(pred)))
     return out
+
+
+def _recovery_from_outputs(p: Participant, run: str, out: Path, streams: list[str]) -> list:
+    """``_recovery`` for a live replay: the encoders' predicted NIfTIs beside the run's measured volumes,
+    as ROI means of the raw values (as the encoding service scores them)."""
+    import nibabel as nib
+
+    from encoders.weights import EncodingWeights, roi_table
+
+    measured_img = nib.load(str(_run(p, run)["bold"]))
+    rows = []
+    for key in streams:
+        path = out / f"{key}_pred.nii.gz"
+        if not path.exists():
+            continue
+        w = EncodingWeights.load(p.weights[key])
+        pred_img = nib.load(str(path))
+        n = min(pred_img.shape[3] if pred_img.ndim == 4 else 0, measured_img.shape[3])
+        if n < 3:
+            continue
+        pred = np.asarray(pred_img.dataobj[..., :n], dtype=np.float32)[w.mask].T
+        measured = np.asarray(measured_img.dataobj[..., :n], dtype=np.float32)[w.mask].T
+        table = roi_table(w)
+        p_roi = np.stack([pred[:, idx].mean(1) for _, idx in table], 1)
+        m_roi = np.stack([measured[:, idx].mean(1) for _, idx in table], 1)
+        rows += _recovery(p, [run], key, table, [(p_roi, m_roi)])
+    return rows
 
 
 def _latency_from_recording(path: Path) -> dict:
@@ -673,19 +715,30 @@ def _read_scores(out: Path, streams: list[str]) -> dict[str, dict[str, float]]:
 
 
 def _finish(out: Path, run: str, streams: list[str], agents_summary: dict | None, encoder_reports: dict,
-            progress: Callable[[str], None], replay_verified: bool) -> dict:
-    from services.report import write_report
+            progress: Callable[[str], None], replay_verified: bool, participant: Participant | None = None,
+            recovery: list | None = None) -> dict:
+    from encoders.plant import PartitionRow, read_rows, write_rows
+    from services.report import json_ready, write_report
 
     scores = _read_scores(out, streams)
+    if recovery:
+        write_rows(out / "recovery.tsv", recovery)
+    pattern = participant.planted_pattern() if participant is not None else None
+    if pattern is not None:
+        shutil.copy(participant.planted, out / "planted.json")
     progress("writing the report")
     report = write_report(out, title=f"neuroarcade — {run}")
+    partition = out / "partition.tsv"
     summary = {
         "run": run, "out": str(out), "report": str(report), "replay_verified": replay_verified,
-        "scores": scores, "planted_roi_strength": planted_roi_strength(),
+        "scores": scores,
+        "recovery": [asdict(r) for r in recovery or []],
+        "partition": [asdict(r) for r in read_rows(partition, PartitionRow)] if partition.exists() else [],
+        "planted": asdict(pattern) if pattern is not None else None,
         "encoders": {k: {"trs_predicted": r.trs_predicted, "trs_scored": r.trs_scored, "errors": r.errors,
                          "rejected_messages": r.rejected_messages} for k, r in encoder_reports.items()},
     }
     if agents_summary is not None:
         summary.update(agents=agents_summary["agents"], emulator=agents_summary["emulator"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps(json_ready(summary), indent=2, default=str))
     return summary

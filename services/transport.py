@@ -63,10 +63,46 @@ class Counters:
 
 
 def free_tcp_endpoint(host: str = "127.0.0.1") -> str:
-    """A loopback TCP endpoint on a port free right now (for tests and ephemeral services)."""
-    with _socket.socket() as s:
-        s.bind((host, 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
+    """A loopback TCP endpoint whose port stays reserved for this caller for about a minute.
+
+    For a service that binds an endpoint given in its config, chosen before it starts (the
+    emulator, the agent's activation PUB, the encoder, the scanner). Where the binding socket is
+    at hand, bind ``tcp://127.0.0.1:*`` instead and read the port back (``bind_ephemeral``).
+
+    Releasing a port that ``bind(port 0)`` picked leaves a window in which another process (a
+    parallel test run, a client's outgoing connection) can be given the same port. So the port is
+    not merely released: a connection is made to it, accepted, and closed from the accepting side
+    first, which leaves that side in TIME_WAIT on the port for 2 MSL (60 s on Linux). Meanwhile the
+    kernel hands the port out neither to another ``bind(port 0)`` nor to an outgoing connection's
+    source port, while a bind to it with SO_REUSEADDR — which libzmq sets on every TCP listener —
+    succeeds at once (the same trick as Yelp's ephemeral-port-reserve). Two calls never return the
+    same port within that minute, in this process or another.
+    """
+    with _socket.socket() as listener:
+        # SO_REUSEADDR here makes the TIME_WAIT left behind compatible with libzmq's own bind.
+        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        listener.bind((host, 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        with _socket.create_connection((host, port), timeout=5):
+            accepted, _ = listener.accept()
+            accepted.close()  # the accepting side closes first: it holds the port in TIME_WAIT
+    return f"tcp://{host}:{port}"
+
+
+def bind_ephemeral(sock: zmq.Socket, host: str = "127.0.0.1") -> str:
+    """Bind ``sock`` to a port the OS picks on ``host`` and return the endpoint actually bound.
+
+    No window between choosing and binding: nothing else can take the port. Use it wherever the
+    binding socket is at hand (tests, benchmarks); peers then connect to the returned endpoint.
+    """
+    sock.bind(f"tcp://{host}:*")
+    return bound_endpoint(sock)
+
+
+def bound_endpoint(sock: zmq.Socket) -> str:
+    """The endpoint ``sock`` was bound to last, with the port the OS picked for a ``:*`` bind."""
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, hwm: int = DEFAULT_HWM, linger_ms: int = 500) -> zmq.Socket:

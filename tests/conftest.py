@@ -12,6 +12,25 @@ from services.game import GameSettings
 from services.transport import free_tcp_endpoint
 
 
+# Slow tests in files this conftest marks instead of a decorator there (module → test names; "*" = all).
+# Everywhere else the mark sits on the test itself (`@pytest.mark.slow` or a module's `pytestmark`).
+SLOW_ELSEWHERE = {
+    "test_session.py": "*",  # a synthetic participant (minutes), whole demo / live sessions
+    "test_synth.py": "*",  # a synthetic BIDS dataset, fits through the CLI
+    "test_rl_agent.py": {"test_train_rl_resumes_after_sigkill_on_the_same_schedule"},  # PPO training, twice
+    "test_report.py": {"test_report_html_has_sections_images_and_numbers",  # nilearn brain maps
+                       "test_report_shows_planted_beside_recovered"},
+    "test_plant.py": {"test_planted_partition_comes_back_with_its_sign"},  # synthetic session + fits
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = SLOW_ELSEWHERE.get(item.path.name)
+        if names == "*" or (names and getattr(item, "originalname", item.name) in names):
+            item.add_marker(pytest.mark.slow)
+
+
 class RunningEmulator:
     def __init__(self, cfg: EmulatorConfig):
         self.cfg = cfg

@@ -24,6 +24,8 @@ from services.emulator import record_headless
 from services.game import GameSettings
 from services.recording import MAGIC, Step, iter_records, read_recording
 
+pytestmark = pytest.mark.slow  # Ray, the tiny VLM, fits
+
 STEPS = 150  # 10 s of game time at frameskip 4: 6 TRs of 2 s
 
 

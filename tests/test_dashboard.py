@@ -195,6 +195,7 @@ def _wait_for(fn, timeout_s: float, what: str):
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: apt-get install chromium "
                                                          "(see docs/dashboard.md)")
+@pytest.mark.slow
 def test_dashboard_in_headless_chromium(start_emulator, atlas_files):
     from playwright.sync_api import sync_playwright
 

@@ -14,11 +14,21 @@ from services.recording import read_recording
 from services.transport import TOPIC_HEARTBEAT, Channel, make_socket, split_topic
 
 
+FRAME_PERIOD_NS = 4 * 1_000_000_000 // 60  # realtime Pong-v5 (frameskip 4): 15 frames/s
+
+
 def _client(emu, cid, role="controller"):
     c = GameClient(cid, role=role, frames_endpoint=emu.cfg.frames_endpoint,
                    control_endpoint=emu.cfg.control_endpoint)
-    c.join(timeout_s=10)
+    c.join(timeout_s=30)
     return c
+
+
+def _wait(cond, timeout_s: float, what: str) -> None:
+    t_end = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < t_end, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 def test_lockstep_applies_controller_actions_and_logs_observers(start_emulator):
@@ -29,7 +39,7 @@ def test_lockstep_applies_controller_actions_and_logs_observers(start_emulator):
     assert ctl.welcome.action_meanings == ["NOOP", "FIRE", "RIGHT", "LEFT"]
     sent, seen = {}, []
     while len(seen) < 40:
-        f = ctl.next_frame(2000)
+        f = ctl.next_frame(20_000)
         assert f is not None, "lockstep stalled"
         if seen and f.seq == seen[-1].seq:
             continue  # re-published pending frame
@@ -62,10 +72,10 @@ def test_lockstep_applies_controller_actions_and_logs_observers(start_emulator):
 def test_lockstep_timeout_policy_repeats_last_action(start_emulator):
     emu = start_emulator(mode="lockstep", step_timeout_s=0.05, on_timeout="repeat")
     ctl = _client(emu, "ctl")
-    f = ctl.next_frame(2000)
+    f = ctl.next_frame(20_000)
     ctl.act(f, 2)
     got = []
-    t_end = time.monotonic() + 5
+    t_end = time.monotonic() + 60
     while len(got) < 5 and time.monotonic() < t_end:  # never answer again: steps continue on timeout
         g = ctl.next_frame(500)
         if g is not None and g.seq > f.seq:
@@ -77,23 +87,32 @@ def test_lockstep_timeout_policy_repeats_last_action(start_emulator):
     assert all(s.action == 2 and s.controller == "timeout" for s in rec.steps[1:5])
 
 
-def test_realtime_runs_at_the_game_rate_and_holds_the_last_action(start_emulator):
+def test_realtime_never_outruns_the_game_rate_and_holds_the_last_action(start_emulator):
     emu = start_emulator(mode="realtime")  # Pong, frameskip 4 -> 15 Hz
     ctl = _client(emu, "ctl")
-    first = ctl.next_frame(2000)
+    first = ctl.next_frame(20_000)
     ctl.act(first, 2)
     frames = []
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 1.5:
+    t_end = time.monotonic() + 60
+    # counts, not a time window: load only makes them take longer
+    while (len(frames) < 25 or sum(f.action == 2 for f in frames) < 10) and time.monotonic() < t_end:
         f = ctl.next_frame(200)
         if f is not None:
             frames.append(f)
     summary = emu.stop()
-    rate = (frames[-1].t_ns - frames[0].t_ns) / 1e9
-    rate = (len(frames) - 1) / rate
-    assert 12 < rate < 18, rate
-    later = [f for f in frames if f.seq > first.seq + 2]
-    assert later and all(f.action == 2 for f in later)  # held without new actions
+    assert len(frames) >= 25, "realtime emulator stalled"
+    seqs = [f.seq for f in frames]
+    assert seqs == sorted(set(seqs))  # in order, none twice
+    # Paced on the emulator's own clock: load can make it late, never early. It re-anchors when behind
+    # (never bursts), so k frames later is at least k - 2 periods later.
+    for a, b in zip(frames, frames[1:]):
+        assert b.t_ns > a.t_ns
+    for f in frames[1:]:
+        assert f.t_ns - frames[0].t_ns >= (f.seq - frames[0].seq - 2) * FRAME_PERIOD_NS, (f.seq, f.t_ns)
+    applied = [i for i, f in enumerate(frames) if f.action == 2]
+    assert applied, "the action was never applied"
+    later = frames[applied[0]:]  # once applied (however late the action arrived), held without new actions
+    assert len(later) >= 10 and all(f.action == 2 for f in later)
     rec = read_recording(summary.record_path)
     assert any(s.controller == "hold" for s in rec.steps)
 
@@ -104,20 +123,23 @@ def test_replay_serves_bit_identical_frames(start_emulator, tmp_path):
     emu = start_emulator(mode="replay", replay_path=str(src), speed=0.0, wait_for_controller_s=None)
     # speed 0 may finish before we subscribe: replay at recorded pace instead is checked below
     summary = emu.stop() if not emu.thread.is_alive() else None
-    emu2 = start_emulator(mode="replay", replay_path=str(src), speed=4.0)
+    emu2 = start_emulator(mode="replay", replay_path=str(src), speed=4.0, wait_for_clients=1)
     watcher = _client(emu2, "watcher", role="controller")
     assert watcher.role == "observer"  # nobody controls a replay
     hashes = {}
-    t_end = time.monotonic() + 15
-    while time.monotonic() < t_end and emu2.thread.is_alive():
+    t_end = time.monotonic() + 120
+    while time.monotonic() < t_end and (emu2.thread.is_alive() or watcher.sub.poll(0)):
         f = watcher.next_frame(200)
         if f is not None:
             hashes[f.seq] = f.frame_hash
             assert frame_hash(f.pixels) == f.frame_hash
     emu2.thread.join(10)
     recorded = {seq: h for seq, _, h in rec.frames()}
-    assert len(hashes) > 20
-    assert all(recorded[s] == h for s, h in hashes.items())
+    # every frame the watcher decoded is the recorded one (it keeps the newest, so it may skip some) ...
+    assert hashes and all(recorded[s] == h for s, h in hashes.items())
+    assert max(hashes) == max(recorded)  # ... up to the last one
+    # ... and the emulator re-emitted every recorded frame, each checked against the recording's hash
+    assert emu2.emu.frames_published == len(recorded)
     assert emu2.summary.hash_mismatches == 0 and emu2.summary.reason == "end of recording"
     del summary
 
@@ -131,7 +153,7 @@ def test_status_reports_counters_and_clients(start_emulator):
     ch = Channel(sub)
     _client(emu, "ctl")
     status = None
-    t_end = time.monotonic() + 5
+    t_end = time.monotonic() + 60
     while time.monotonic() < t_end:
         if sub.poll(200):
             _, body = split_topic(ch.recv_parts())
@@ -156,13 +178,13 @@ def test_client_rejoins_after_emulator_restart(start_emulator):
     emu2 = start_emulator(mode="realtime", frames_endpoint=fe, control_endpoint=ce, heartbeat_s=0.2)
     t0 = time.monotonic()
     f = None
-    while time.monotonic() - t0 < 10:
+    while time.monotonic() - t0 < 60:
         f = c.next_frame(200)
         if f is not None and c.welcome is not None and c.welcome.session_id != s1:
             break
     assert f is not None and f.session_id == emu2.emu.session_id
     assert c.welcome.session_id == emu2.emu.session_id and c.role == "controller"
-    assert time.monotonic() - t0 < 5
+    assert c.stats.rejoins >= 1  # by itself: the test never called join again
     c.close()
     emu2.stop()
 
@@ -172,13 +194,18 @@ def test_prometheus_metrics_expose_counters(start_emulator):
 
     emu = start_emulator(mode="realtime", metrics_port=0)
     ctl = _client(emu, "ctl")
-    f = ctl.next_frame(2000)
+    f = ctl.next_frame(20_000)
     ctl.act(f, 1)
     ctl.control.sock.send(b"garbage")
-    time.sleep(0.5)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{emu.emu.metrics_port}/metrics", timeout=5).read().decode()
+
+    def scrape() -> dict[str, float]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{emu.emu.metrics_port}/metrics", timeout=10).read().decode()
+        return {l.split(" ")[0]: float(l.split(" ")[1]) for l in body.splitlines() if l and not l.startswith("#")}
+
+    # sent in this order on one DEALER: once the garbage is counted, the action before it was handled too
+    _wait(lambda: emu.emu.counters.rejected >= 1 and emu.emu.steps > 0, 60, "the garbage counted, a step made")
+    lines = scrape()
     emu.stop()
-    lines = {l.split(" ")[0]: float(l.split(" ")[1]) for l in body.splitlines() if l and not l.startswith("#")}
     assert lines["neuroarcade_emulator_steps_total"] > 0
     assert lines['neuroarcade_emulator_messages_rejected_total{code="bad_header"}'] == 1
     assert lines['neuroarcade_emulator_client_actions_total{client="ctl"}'] >= 1
@@ -191,13 +218,18 @@ def test_replay_re_emits_scanner_triggers_at_the_same_game_time(start_emulator, 
 
     src = tmp_path / "scan.narec"
     rec = record_headless(GameSettings(game="ALE/Pong-v5"), 150, src, tr_s=2.0)
-    emu = start_emulator(mode="replay", replay_path=str(src), speed=10.0, wait_for_clients=1)
+    emu = start_emulator(mode="replay", replay_path=str(src), speed=10.0, wait_for_clients=1, status_s=0.05)
     ctx = zmq.Context.instance()
     sub = make_socket(ctx, zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, TOPIC_TRIGGER)
+    sub.setsockopt(zmq.SUBSCRIBE, TOPIC_HEARTBEAT)
     sub.connect(emu.cfg.frames_endpoint)
     ch = Channel(sub)
-    time.sleep(0.3)  # subscription in place before the replay starts
+    # Subscriptions reach the PUB in order: a Status (published while the replay waits for its client)
+    # arriving means the trigger subscription is in place before the replay starts.
+    assert sub.poll(60_000), "no status from the emulator"
+    assert split_topic(ch.recv_parts())[0] == TOPIC_HEARTBEAT
+    sub.setsockopt(zmq.UNSUBSCRIBE, TOPIC_HEARTBEAT)
     watcher = _client(emu, "watcher", role="observer")
     got = []
     while emu.thread.is_alive() or sub.poll(0):
@@ -210,4 +242,9 @@ def test_replay_re_emits_scanner_triggers_at_the_same_game_time(start_emulator, 
     watcher.close()
     assert got == [t.tr_index for t in rec.triggers]
     replayed = read_recording(emu.summary.record_path)
-    assert replayed.frames_per_tr() == rec.frames_per_tr()  # the same frames fall in the same TRs
+    want, got_trs = rec.frames_per_tr(), replayed.frames_per_tr()
+    assert len(got_trs) == len(want)
+    assert got_trs[:-1] == want[:-1]  # the same frames fall in the same TRs
+    # The last TR has no next trigger: it is closed one median TR after its own (0.2 s at speed 10), so a
+    # stall on a loaded machine can push its frames past that inferred end: in order, a prefix of them.
+    assert got_trs[-1] == want[-1][:len(got_trs[-1])]

@@ -15,6 +15,7 @@ def session():
     return generate(SynthConfig(voxel_mm=12, n_runs=4, n_trs=150, seed=1))
 
 
+@pytest.mark.slow
 def test_cv_r_tracks_planted_true_r(session):
     both = [np.concatenate([a, b], axis=1) for a, b in zip(session.features["action"], session.features["reasoning"])]
     res = fit_encoding(session.bold, {"all": both}, FitConfig(progress=False), mask=session.mask,
@@ -26,6 +27,7 @@ def test_cv_r_tracks_planted_true_r(session):
     assert res.weights.coef.dtype == np.float32 and res.weights.alphas.shape == (int(session.mask.sum()),)
 
 
+@pytest.mark.slow
 def test_variance_partitioning_recovers_planted_unique_variance(session):
     vp = partition_variance(session.bold, ("action", session.features["action"]),
                             ("reasoning", session.features["reasoning"]), FitConfig(progress=False, banded_iter=10))
@@ -41,6 +43,7 @@ def test_variance_partitioning_recovers_planted_unique_variance(session):
     assert (vp["unique_a"] < 0).any()  # kept, not clipped (voxels with no action signal)
 
 
+@pytest.mark.slow
 def test_delays_do_not_leak_across_runs(session):
     _, designs, _, _ = prepare_design(session.bold[:2], {"action": session.features["action"][:2]},
                                       FitConfig(delays=[1, 2]))
@@ -74,6 +77,7 @@ def test_block_permutation_and_fdr():
     assert np.all(q >= p - 1e-12)
 
 
+@pytest.mark.slow
 def test_torch_backend_matches_numpy_and_restores_global_state(session):
     from himalaya.backend import get_backend
 

@@ -20,8 +20,10 @@ from protocols import Activation, BoldVolume, Decoder, Prediction, Trigger
 from services.encoding import CoreConfig, EncodingServiceConfig, run_encoding_service
 from services.scanner import FolderSource, SimulatedScannerConfig, TriggerPublisher, publish_stream, \
     run_simulated_scanner
-from services.transport import TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_PREDICTION, TOPIC_TRIGGER, free_tcp_endpoint, \
-    split_topic
+from services.transport import TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER, \
+    bound_endpoint, free_tcp_endpoint, split_topic
+
+pytestmark = pytest.mark.slow  # a fit, then 30 TRs streamed end to end
 
 TR = 2.0
 SPEED = 20.0  # 0.1 s per TR
@@ -45,28 +47,39 @@ def setup(tmp_path_factory):
     return s, EncodingWeights.load(weights_path), weights_path, bold_path, tmp
 
 
-def _agent(ctx, act_ep, trig_ep, features, stop, ready):
-    """Publishes 3 decisions per TR when the TR's trigger arrives, plus some bad input."""
-    pub = TriggerPublisher(ctx, act_ep)
+def _agent(ctx, pub: TriggerPublisher, trig_ep, features, stop, ready):
+    """Publishes 3 decisions per TR once the TR is over (the next trigger arrived), plus some bad input.
+
+    Their frame times lie inside the TR as it really was, between its trigger and the next: on a
+    loaded machine the simulated scanner's triggers come late or catch up, so a TR is not always
+    TR / SPEED long, and frame times placed by the nominal length could fall into the next TR.
+    """
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, TOPIC_TRIGGER)
     sub.connect(trig_ep)
     dec = Decoder(accept=[Trigger])
-    pub.wait_for_subscribers(1, 10, topic=TOPIC_ACTIVATION)
-    ready.set()
+    triggers: dict[int, int] = {}
+
+    def publish_tr(k: int, span_s: float) -> None:
+        vecs, frame_t = decisions_for_run(features[k:k + 1], np.array([triggers[k]]), span_s, seed=k)
+        for i, (v, t) in enumerate(zip(vecs, frame_t)):
+            pub.send(Activation(agent_id="vlm-0", model="synthetic", condition="action", layers=[12],
+                                pooling="mean", frame_seqs=[3 * k + i], t_ns=time.monotonic_ns(),
+                                vectors=v[None], frame_t_ns=int(t)), TOPIC_ACTIVATION)
+
+    if pub.wait_for_subscribers(1, 120, topic=TOPIC_ACTIVATION):
+        ready.set()
     try:
         while not stop.is_set():
             if not sub.poll(50):
                 continue
             trig = dec.decode(split_topic(sub.recv_multipart())[1])
             k = trig.tr_index
-            if k >= len(features):
-                continue
-            vecs, frame_t = decisions_for_run(features[k:k + 1], np.array([trig.t_ns]), TR / SPEED, seed=k)
-            for i, (v, t) in enumerate(zip(vecs, frame_t)):
-                pub.send(Activation(agent_id="vlm-0", model="synthetic", condition="action", layers=[12],
-                                    pooling="mean", frame_seqs=[3 * k + i], t_ns=time.monotonic_ns(),
-                                    vectors=v[None], frame_t_ns=int(t)), TOPIC_ACTIVATION)
+            triggers[k] = trig.t_ns
+            if k - 1 in triggers and k - 1 < len(features):  # TR k-1 ended at this trigger
+                publish_tr(k - 1, (trig.t_ns - triggers[k - 1]) / 1e9)
+            if k == len(features) - 1:  # the last TR: no trigger ends it, the encoder closes it TR / SPEED later
+                publish_tr(k, TR / SPEED)
             if k == 3:  # bad input, mid-run
                 pub.sock.send_multipart([TOPIC_ACTIVATION, b"\x93not-a-map"])
                 pub.send(Activation(agent_id="vlm-0", model="synthetic", condition="action", layers=[12],
@@ -82,30 +95,40 @@ def _agent(ctx, act_ep, trig_ep, features, stop, ready):
 def test_live_path_end_to_end(setup):
     s, weights, weights_path, bold_path, tmp = setup
     ctx = zmq.Context()
-    act_ep, trig_ep, bold_ep, pred_ep = (free_tcp_endpoint() for _ in range(4))
+    act_pub = TriggerPublisher(ctx, "tcp://127.0.0.1:*")  # the agent's activation PUB, handed to its thread
+    act_ep = bound_endpoint(act_pub.sock)
+    trig_ep, bold_ep, pred_ep = (free_tcp_endpoint() for _ in range(3))  # bound by the services from their configs
     folder = tmp / "export"
     folder.mkdir()
     # a truncated file already sits in the export folder: reported, skipped, the run goes on
     (folder / "vol_09999.nii").write_bytes(b"\x5c\x01\x00\x00" + b"\x00" * 100)
     stop_agent = threading.Event()
     agent_ready = threading.Event()
-    agent = threading.Thread(target=_agent, args=(ctx, act_ep, trig_ep, s.features["action"][2], stop_agent,
+    agent = threading.Thread(target=_agent, args=(ctx, act_pub, trig_ep, s.features["action"][2], stop_agent,
                                                   agent_ready))
     agent.start()
 
     preds_sub = ctx.socket(zmq.SUB)
     preds_sub.setsockopt(zmq.SUBSCRIBE, TOPIC_PREDICTION)
+    preds_sub.setsockopt(zmq.SUBSCRIBE, TOPIC_HEARTBEAT)
     preds_sub.connect(pred_ep)
     report_box = []
+    # grace_s: how long after trigger t+1 the activations of TR t may still arrive. Generous, so that a loaded
+    # machine delaying the agent thread cannot make an activation late (and the prediction differ from offline).
     cfg = EncodingServiceConfig(weights=str(weights_path), activations=[act_ep], bold=[bold_ep, trig_ep],
-                                predictions=pred_ep, out_dir=str(tmp / "out"), n_trs=N_TRS, idle_timeout_s=10,
-                                core=CoreConfig(tr_s=TR / SPEED, grace_s=1.0, send_voxels=True))
+                                predictions=pred_ep, out_dir=str(tmp / "out"), n_trs=N_TRS, idle_timeout_s=60,
+                                status_s=0.1, core=CoreConfig(tr_s=TR / SPEED, grace_s=3.0, send_voxels=True))
     service = threading.Thread(target=lambda: report_box.append(run_encoding_service(cfg, ctx=ctx)))
     service.start()
-    assert agent_ready.wait(10)
+    assert agent_ready.wait(120), "the encoder never subscribed to the agent"
+    # Subscriptions reach the PUB in order: the encoder's Status arriving means our prediction subscription
+    # is in place before the first TR can close.
+    assert preds_sub.poll(120_000) and split_topic(preds_sub.recv_multipart())[0] == TOPIC_HEARTBEAT
 
+    # missing_after_s: a volume is declared missing this long after a later one was read; generous for the
+    # same reason (the run has no missing volume)
     src = FolderSource(folder, tr=TR / SPEED, n_volumes=N_TRS, settle_s=0.01, partial_timeout_s=1.0,
-                       missing_after_s=1.0)
+                       missing_after_s=10.0)
     publisher = threading.Thread(target=publish_stream, args=(src, bold_ep, ctx), kwargs={"wait_subscribers": 1})
     publisher.start()
     sim_cfg = SimulatedScannerConfig(bold=str(bold_path), folder=str(folder), speed=SPEED, trigger_endpoint=trig_ep,
@@ -117,10 +140,12 @@ def test_live_path_end_to_end(setup):
     dec = Decoder(accept=[Prediction])
     while service.is_alive() or preds_sub.poll(0):
         if preds_sub.poll(100):
-            received.append(dec.decode(split_topic(preds_sub.recv_multipart())[1]))
+            topic, parts = split_topic(preds_sub.recv_multipart())
+            if topic == TOPIC_PREDICTION:
+                received.append(dec.decode(parts))
     stop_agent.set()
     for th in (sim, publisher, agent, service):
-        th.join(timeout=10)
+        th.join(timeout=60)
         assert not th.is_alive()
     preds_sub.close()
     ctx.term()

@@ -12,6 +12,7 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 import xxhash
 import zmq
 
@@ -24,6 +25,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_client_from_the_spec_controls_a_lockstep_game(tmp_path):
     frames_ep, control_ep = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "neuroarcade.cli", "emulator", "--mode", "lockstep",

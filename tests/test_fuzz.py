@@ -13,7 +13,9 @@ Sockets that receive from peers, and where they are fuzzed:
 - dashboard SUB: our PUB at an endpoint it subscribes to.
 - agent services: their only peer input is the frames SUB inside GameClient (the emulator binds
   it, so a rogue PUB cannot join it): we bind our own PUB as the "emulator" frames endpoint, with
-  a real emulator control socket elsewhere. Rejected + skipped (keep-newest) must equal sent.
+  a real emulator control socket elsewhere. GameClient keeps only the newest queued message, so
+  the messages go one at a time, each sent after the previous one was decoded and rejected: every
+  one of them is decoded (none skipped as stale).
 - scanner publishers are XPUB: their only input is subscriptions (TriggerPublisher.wait_for_subscribers).
 PUB sockets (emulator frames, agent activations, encoder predictions) discard anything sent to
 them; DEALERs (GameClient, dashboard) only connect to the emulator, so no rogue peer reaches them.
@@ -34,7 +36,7 @@ from hypothesis import strategies as st
 from protocols import Activation, BoldVolume, Decoder, Frame, Prediction, ProtocolError, Trigger
 from protocols.messages import KINDS, MESSAGE_TYPES
 from services.transport import (
-    Channel, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_PREDICTION, TOPIC_TRIGGER, free_tcp_endpoint,
+    Channel, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_PREDICTION, TOPIC_TRIGGER, bind_ephemeral, bound_endpoint,
 )
 
 N_MESSAGES = 10_000
@@ -118,27 +120,40 @@ def _fuzz(corpus: list[list[bytes]], decoder: Decoder, send_batch, seed: int = 0
     return sent
 
 
-def _wait(cond, timeout_s: float, what: str) -> None:
+def _wait(cond, timeout_s: float, what: str, poll_s: float = 0.005) -> None:
     t_end = time.monotonic() + timeout_s
     while not cond():
         assert time.monotonic() < t_end, f"timed out waiting for {what}"
-        time.sleep(0.005)
+        time.sleep(poll_s)
 
 
-def _pub(ctx, endpoint: str, n_subscribers: int = 1, topic: bytes = b"") -> zmq.Socket:
-    """An XPUB with room for the whole fuzz run, bound and waited on until the service subscribed."""
+def _scrape(port: int) -> dict[str, float]:
+    """A service's Prometheus metrics, ``{"name{labels}": value}``."""
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in body.splitlines() if l and l[0] != "#"}
+
+
+def _pub(ctx) -> tuple[zmq.Socket, str]:
+    """An XPUB with room for the whole fuzz run, bound to a port the OS picks: (socket, endpoint)."""
     sock = ctx.socket(zmq.XPUB)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.bind(endpoint)
+    return sock, bind_ephemeral(sock)
+
+
+def _subscribed(sock: zmq.Socket, n_subscribers: int = 1) -> zmq.Socket:
+    """Wait until the service's SUB sent its ``n_subscribers`` subscriptions."""
     subs = 0
     while subs < n_subscribers:
-        assert sock.poll(10_000), "service never subscribed"
+        assert sock.poll(30_000), "service never subscribed"
         if sock.recv()[:1] == b"\x01":
             subs += 1
     return sock
 
 
+@pytest.mark.slow
 def test_emulator_control_router(start_emulator, corpus):
     from services.client import GameClient
 
@@ -156,7 +171,7 @@ def test_emulator_control_router(start_emulator, corpus):
             dealer.recv_multipart()  # Error replies; keep our queue short
 
     n = _fuzz(corpus, Decoder(), send)
-    _wait(lambda: emu.emu.counters.rejected - r0 == n, 20, "every message counted")
+    _wait(lambda: emu.emu.counters.rejected - r0 == n, 120, "every message counted")
     with GameClient("after-fuzz", frames_endpoint=emu.cfg.frames_endpoint,
                     control_endpoint=emu.cfg.control_endpoint) as c:
         assert c.join(timeout_s=10).session_id == emu.emu.session_id  # still serving
@@ -165,6 +180,7 @@ def test_emulator_control_router(start_emulator, corpus):
     assert n == N_MESSAGES and s.counters.rejected - r0 == n
 
 
+@pytest.mark.slow
 def test_encoding_service_sub(tmp_path, corpus):
     from encoders.fit import FitConfig, fit_encoding
     from encoders.synth import SynthConfig, generate
@@ -175,12 +191,16 @@ def test_encoding_service_sub(tmp_path, corpus):
                        affine=s.affine, tr=2.0, roi_labels=s.atlas[s.mask], roi_names=s.roi_names)
     weights = str(res.weights.save(tmp_path / "w.safetensors"))
     ctx = zmq.Context.instance()
-    ep = free_tcp_endpoint()
+    pub, ep = _pub(ctx)
     box, stop = {}, threading.Event()
-    cfg = EncodingServiceConfig(weights=weights, activations=[ep], core=CoreConfig(tr_s=0.1, grace_s=0.05))
-    th = threading.Thread(target=lambda: box.update(r=run_encoding_service(cfg, stop=stop, ctx=ctx)), daemon=True)
+    cfg = EncodingServiceConfig(weights=weights, activations=[ep], core=CoreConfig(tr_s=0.1, grace_s=0.05),
+                                metrics_port=0)
+    ready = threading.Event()
+    th = threading.Thread(target=lambda: box.update(r=run_encoding_service(cfg, stop=stop, ctx=ctx, ready=ready)),
+                          daemon=True)
     th.start()
-    pub = _pub(ctx, ep, n_subscribers=3)  # activation, bold, trigger subscriptions
+    assert ready.wait(30), "encoding service did not start"
+    _subscribed(pub, n_subscribers=3)  # activation, bold, trigger subscriptions
     topics = [TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_TRIGGER]
 
     def send(batch):
@@ -191,7 +211,11 @@ def test_encoding_service_sub(tmp_path, corpus):
     good = Channel(pub)
     for k in range(2):  # still serving: two valid triggers close two TRs
         good.send(Trigger(tr_index=k, t_ns=time.monotonic_ns()), topic=TOPIC_TRIGGER)
-    time.sleep(1.0)
+    # One PUB→SUB pipe keeps order: once both triggers are decoded, every fuzz message before them was too.
+    # Trigger 1 closes TR 0 (after its grace); TR 1 closes when the service finishes.
+    _wait(lambda: (lambda m: m.get("neuroarcade_encoder_messages_received_total") == 2
+                   and m.get("neuroarcade_encoder_trs_predicted_total") == 1)(_scrape(cfg.metrics_port)), 120,
+          "the two valid triggers, TR 0 closed", poll_s=0.05)
     stop.set()
     th.join(30)
     pub.close()
@@ -200,15 +224,16 @@ def test_encoding_service_sub(tmp_path, corpus):
     assert r.rejected_messages == n and r.received == 2 and r.trs_predicted == 2
 
 
+@pytest.mark.slow
 def test_dashboard_sub(corpus):
     from services.dashboard import DashboardConfig, LiveState, Subscriber
 
     ctx = zmq.Context.instance()
-    ep = free_tcp_endpoint()
+    pub, ep = _pub(ctx)
     state = LiveState()
     sub = Subscriber(DashboardConfig(frames="", activations=[ep]), state, ctx)
     sub.start()
-    pub = _pub(ctx, ep, n_subscribers=6)
+    _subscribed(pub, n_subscribers=6)
     topics = [TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_TRIGGER, TOPIC_PREDICTION]
     sent = [0]
 
@@ -228,48 +253,53 @@ def test_dashboard_sub(corpus):
     assert n == N_MESSAGES and state.counts["rejected"] == n
 
 
+@pytest.mark.slow
 def test_agent_frames_path_gameclient(start_emulator, corpus):
     """The agent service's peer input: frames decoded by GameClient.next_frame (AgentService's I/O loop)."""
     from services.client import GameClient
 
     emu = start_emulator()
     ctx = zmq.Context.instance()
-    ep = free_tcp_endpoint()
+    pub, ep = _pub(ctx)
     client = GameClient("fuzzed-agent", frames_endpoint=ep, control_endpoint=emu.cfg.control_endpoint, ctx=ctx)
     client.join(timeout_s=10)
-    pub = _pub(ctx, ep)
-    sent = [0]
-
-    def seen() -> int:
-        return client._sub_channel.counters.rejected + client.stats.frames_skipped
+    _subscribed(pub)
+    rejected = client._sub_channel.counters
 
     def send(batch):
+        # One at a time: next_frame decodes only the newest queued message (keep-latest), so each
+        # message goes out once the one before it was decoded and rejected; none is skipped unseen.
         for parts in batch:
+            want = rejected.rejected + 1
             pub.send_multipart([TOPIC_FRAME, *parts])
-        sent[0] += len(batch)
-        t_end = time.monotonic() + 20
-        while seen() < sent[0] and time.monotonic() < t_end:
-            assert client.next_frame(timeout_ms=20) is None
+            t_end = time.monotonic() + 30
+            while rejected.rejected < want:
+                assert time.monotonic() < t_end, f"message {want} never decoded"
+                assert client.next_frame(timeout_ms=100) is None
 
     n = _fuzz(corpus, Decoder(accept=[Frame]), send)
-    assert seen() == n == N_MESSAGES
+    assert rejected.rejected == n == N_MESSAGES
+    assert client.stats.frames_skipped == 0  # every message decoded, none dropped as stale
     assert client.stats.frames_received == 0 and client.stats.rejoins == 0  # garbage is never a frame, never rejoins
     client.close()
     pub.close()
     emu.stop()
 
 
+@pytest.mark.slow
 def test_scanner_xpub_subscription_input(corpus):
     """Scanner publishers' only input: subscription messages on their XPUB."""
     from services.scanner import TriggerPublisher
 
     ctx = zmq.Context.instance()
-    ep = free_tcp_endpoint()
-    pub = TriggerPublisher(ctx, ep)
+    pub = TriggerPublisher(ctx, "tcp://127.0.0.1:*")
+    ep = bound_endpoint(pub.sock)
     rogue = ctx.socket(zmq.XSUB)
     rogue.setsockopt(zmq.LINGER, 0)
+    # An XSUB drops what exceeds its send queue; unbounded, every message waits its turn instead (the
+    # XPUB's reader pushes back through TCP), so all of them reach the publisher, in order.
+    rogue.setsockopt(zmq.SNDHWM, 0)
     rogue.connect(ep)
-    time.sleep(0.2)
     count = [0]
 
     def send(batch):
@@ -278,8 +308,8 @@ def test_scanner_xpub_subscription_input(corpus):
         count[0] += len(batch)
 
     n = _fuzz(corpus, Decoder(), send)
-    rogue.send(b"\x01" + TOPIC_TRIGGER)
-    assert pub.wait_for_subscribers(1, 10.0, topic=TOPIC_TRIGGER)
+    rogue.send(b"\x01" + TOPIC_TRIGGER)  # after all of them on the same pipe: read once they all were
+    assert pub.wait_for_subscribers(1, 60.0, topic=TOPIC_TRIGGER)
     assert pub.subscriptions == [TOPIC_TRIGGER] and n == count[0] == N_MESSAGES
     rogue.close()
     pub.close()
@@ -289,12 +319,13 @@ def test_invalid_utf8_in_a_header_does_not_kill_the_emulator(start_emulator):
     from services.client import GameClient
 
     emu = start_emulator()
+    r0 = emu.emu.counters.rejected
     bad = msgpack.packb({"v": 1, "kind": "hello", "client_id": "x"}).replace(b"\xa1x", b"\xa1\xdc")
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(emu.cfg.control_endpoint)
     dealer.send(bad)
-    time.sleep(0.5)
+    _wait(lambda: emu.emu.counters.rejected == r0 + 1 or not emu.thread.is_alive(), 30, "the message handled")
     dealer.close()
     assert emu.thread.is_alive(), "the emulator's loop died on one malformed message"
     with GameClient("after", frames_endpoint=emu.cfg.frames_endpoint, control_endpoint=emu.cfg.control_endpoint) as c:

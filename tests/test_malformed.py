@@ -7,6 +7,7 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 import zmq
 
 from services.client import GameClient
@@ -40,6 +41,7 @@ def _malformed(rng: np.random.Generator, i: int) -> list[bytes]:
     return [b""]  # empty frame
 
 
+@pytest.mark.slow
 def test_ten_thousand_malformed_messages_are_all_rejected_and_counted(start_emulator):
     emu = start_emulator(mode="lockstep", step_timeout_s=30)
     ctl = GameClient("good", role="controller", frames_endpoint=emu.cfg.frames_endpoint,

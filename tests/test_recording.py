@@ -15,6 +15,7 @@ from services.game import GameSettings
 from services.recording import Step, read_recording, write_bids_events
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sticky", [0.0, 0.25])
 @pytest.mark.parametrize("game", ["ALE/Pong-v5", "ALE/Breakout-v5", "ALE/SpaceInvaders-v5", "ALE/Enduro-v5"])
 def test_record_then_verify_is_bit_exact(tmp_path, game, sticky):
@@ -45,6 +46,7 @@ def test_verify_reports_first_mismatching_step(tmp_path):
     assert not result.ok and result.first_mismatch_seq == 120
 
 
+@pytest.mark.slow
 def test_replay_cli_exit_codes(tmp_path):
     path = tmp_path / "r.narec"
     record_headless(GameSettings(game="ALE/Pong-v5", repeat_action_probability=0.25), 100, path)
@@ -59,6 +61,7 @@ def test_replay_cli_exit_codes(tmp_path):
     assert bad.returncode != 0 and "not a neuroarcade recording" in bad.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_a_readable_recording_that_replays(tmp_path):
     path = tmp_path / "killed.narec"
     proc = subprocess.Popen(
@@ -109,6 +112,7 @@ def test_triggers_map_frames_to_trs_and_bids_events(tmp_path):
     assert row.split("\t")[3] == path.name
 
 
+@pytest.mark.slow
 def test_game_step_makes_the_frames_of_gymnasium_step():
     """GameEnv.step drives the ALE directly; it must produce what the registered env produces."""
     import gymnasium as gym
@@ -136,6 +140,7 @@ def test_game_step_makes_the_frames_of_gymnasium_step():
     ours.close()
 
 
+@pytest.mark.slow
 def test_recordings_hashed_with_xxh3_still_verify(tmp_path):
     """Frame hashes are xxh64 since the header names its algorithm; earlier files say nothing
     (xxh3_128 by default) and must keep verifying, diverging ones keep failing."""

@@ -126,3 +126,28 @@ def test_report_command_and_empty_folder(tmp_path: Path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no scores"):
         write_report(empty)
+
+
+@pytest.mark.slow  # nilearn brain maps
+def test_report_shows_planted_beside_recovered(run_dir: Path):
+    from encoders.plant import Recovery, write_rows
+
+    write_rows(run_dir / "recovery.tsv", [
+        Recovery("vlm-0", "action", "motor", 0.5, 0.71, 0.69, -0.31, 0.31, 0.001, 60),
+        Recovery("vlm-0", "action", "prefrontal", 0.07, 0.3, 0.36, -0.26, 0.42, 0.085, 60),
+        Recovery("rl-0", "", "motor", float("nan"), float("nan"), 0.04, -0.16, 0.17, 0.5, 60)])
+    _write_tsv(run_dir / "partition.tsv", ["roi", "unique_action", "unique_reasoning", "shared",
+                                           "planted_unique_action", "planted_unique_reasoning", "planted_shared"],
+               [["motor", 0.3, -0.01, 0.02, 0.48, 0.02, 0.05], ["prefrontal", -0.01, 0.27, 0.13, 0.02, 0.45, 0.05]])
+    data = load_run(run_dir)
+    assert [r.roi for r in data.recovery] == ["motor", "prefrontal", "motor"]
+    assert not any(r["source"] == "recovery.tsv" for r in data.scores)  # its r restates the scores tables
+    assert data.partitions[0]["planted_unique_action"] == pytest.approx(0.48)
+    page = write_report(run_dir).read_text()
+    known = page[page.index("id='known-answer'"):page.index("id='scores'")]
+    assert "5-TR blocks" in known and "1000 permutations" in known
+    assert "<td>vlm-0 · action</td><td>motor</td><td>0.500</td><td>0.710</td><td>0.690</td>" in known
+    assert "<td>rl-0 · policy</td><td>motor</td><td>–</td><td>–</td><td>0.040</td>" in known  # nothing planted
+    partition = page[page.index("id='partition'"):page.index("id='maps'")]
+    assert "<th>unique action planted</th><th>unique action recovered</th>" in partition
+    assert "<td>prefrontal</td><td>0.020</td><td>-0.010</td><td>0.450</td><td>0.270</td>" in partition

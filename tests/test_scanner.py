@@ -36,6 +36,25 @@ def mosaics(tmp_path_factory) -> list[Path]:
     return paths
 
 
+def _wait(cond, timeout_s: float, what: str) -> None:
+    t_end = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < t_end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _read_into(src, out: list) -> threading.Thread:
+    """Iterate ``src`` in a thread, appending each volume to ``out`` as it is delivered."""
+
+    def run():
+        for v in src:
+            out.append(v)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
 def _mosaic(path: Path) -> np.ndarray:
     import warnings
 
@@ -62,14 +81,13 @@ def test_recorded_replays_functional_nii_from_a_start_time():
 def test_live_folder_reads_real_siemens_mosaics_out_of_order(tmp_path, mosaics):
     folder = tmp_path / "export"
     folder.mkdir()
-    src = FolderSource(folder, tr=2.0, n_volumes=2, settle_s=0.05, missing_after_s=5.0)
+    src = FolderSource(folder, tr=2.0, n_volumes=2, settle_s=0.05, missing_after_s=60.0)
     out = []
-    reader = threading.Thread(target=lambda: out.extend(src))
-    reader.start()
+    reader = _read_into(src, out)
     shutil.copy(mosaics[1], folder / "MR.0002.dcm")  # the second volume lands first
-    time.sleep(0.3)
+    _wait(lambda: len(out) == 1, 60, "the second volume delivered")  # read before the first exists
     shutil.copy(mosaics[0], folder / "MR.0001.dcm")
-    reader.join(timeout=10)
+    reader.join(timeout=60)
     assert not reader.is_alive()
     assert [v.tr_index for v in out] == [1, 0]
     assert out[0].data.shape == (128, 128, 48)
@@ -107,18 +125,23 @@ def test_missing_late_duplicate_and_wrong_shape(tmp_path):
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj[..., k]) if data is None else data, img.affine),
                  folder / name)
 
-    src = FolderSource(folder, tr=0.2, settle_s=0.02, missing_after_s=0.3, idle_timeout_s=1.0)
+    # idle_timeout_s ends the stream once the test is done writing: generous, a loaded machine may pause
+    src = FolderSource(folder, tr=0.2, settle_s=0.02, missing_after_s=0.3, idle_timeout_s=5.0)
     out = []
-    reader = threading.Thread(target=lambda: out.extend(src))
-    reader.start()
+    reader = _read_into(src, out)
+
+    def events():
+        return [(e.kind, e.tr_index) for e in src.events]
+
     write("vol_00000.nii", 0)
     write("vol_00002.nii", 2)
-    time.sleep(0.8)  # volume 1 is declared missing
+    _wait(lambda: ("missing", 1) in events(), 60, "volume 1 declared missing")
     write("vol_00001.nii", 1)  # … then arrives late
     write("vol_00003.nii", 3, np.zeros((5, 5, 5), np.int16))  # wrong shape
-    time.sleep(0.3)
+    _wait(lambda: ("late", 1) in events() and ("wrong_shape", 3) in events(), 60, "the late and wrong-shape volumes")
     write("again_00002.nii", 2)  # duplicate index
-    reader.join(timeout=10)
+    reader.join(timeout=60)
+    assert not reader.is_alive()
     assert [v.tr_index for v in out] == [0, 2, 1]
     kinds = [(e.kind, e.tr_index) for e in src.events]
     assert kinds == [("missing", 1), ("late", 1), ("wrong_shape", 3), ("duplicate", 2)]
@@ -135,25 +158,26 @@ def test_simulated_scanner_writes_at_tr_pace_and_publishes(tmp_path):
     cfg = SimulatedScannerConfig(bold=str(FUNCTIONAL), folder=str(folder), speed=40.0, n_volumes=6,
                                  trigger_endpoint=trig_ep, wait_subscribers=1, skip=(4,))
     sim = threading.Thread(target=run_simulated_scanner, args=(cfg, ctx))
-    src = FolderSource(folder, tr=0.05, n_volumes=6, settle_s=0.01, missing_after_s=0.2)
+    src = FolderSource(folder, tr=0.05, n_volumes=6, settle_s=0.01, missing_after_s=1.0)
     pub = threading.Thread(target=publish_stream, args=(src, bold_ep, ctx), kwargs={"wait_subscribers": 1})
     pub.start()
     sim.start()
     t0 = time.monotonic()
     dec = Decoder(accept=[Trigger, BoldVolume])
     triggers, volumes = [], []
-    while (len(triggers) < 6 or len(volumes) < 5) and time.monotonic() - t0 < 10:
+    while (len(triggers) < 6 or len(volumes) < 5) and time.monotonic() - t0 < 120:
         if sub.poll(100):
             topic, parts = split_topic(sub.recv_multipart())
             msg = dec.decode(parts)
             (triggers if topic == TOPIC_TRIGGER else volumes).append(msg)
-    sim.join(timeout=5)
-    pub.join(timeout=5)
+    sim.join(timeout=60)
+    pub.join(timeout=60)
     sub.close()
     ctx.term()
     assert [t.tr_index for t in triggers] == list(range(6))
     times = np.array([t.t_ns for t in triggers]) / 1e9
-    assert np.all(np.diff(times) > 0) and 0.2 <= times[-1] - times[0] < 0.6  # 5 TRs × (2 s / 40)
+    # paced at TR / speed: 5 TRs × (2 s / 40) at least (load may only stretch it, so no upper bound)
+    assert np.all(np.diff(times) > 0) and times[-1] - times[0] >= 0.24
     assert [v.tr_index for v in volumes] == [0, 1, 2, 3, 5]
     data = np.asarray(nib.load(FUNCTIONAL).dataobj)
     np.testing.assert_array_equal(volumes[-1].data, data[..., 5])
@@ -188,7 +212,7 @@ def test_scanner_metrics_count_volumes_and_stream_events(tmp_path):
         return {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in body.splitlines() if l and l[0] != "#"}
 
     try:
-        t_end = time.monotonic() + 10
+        t_end = time.monotonic() + 120
         while scrape().get('neuroarcade_scanner_stream_events_total{kind="duplicate"}') != 1:
             assert time.monotonic() < t_end, scrape()
             time.sleep(0.05)
@@ -196,8 +220,8 @@ def test_scanner_metrics_count_volumes_and_stream_events(tmp_path):
         assert m["neuroarcade_scanner_volumes_published_total"] == 2
         assert m["neuroarcade_scanner_tr_index"] == 1  # the highest, though TR 0 was read after TR 1
         assert m['neuroarcade_scanner_stream_events_total{kind="out_of_order"}'] == 1
-        assert 0 <= m["neuroarcade_scanner_seconds_since_volume"] < 10
+        assert 0 <= m["neuroarcade_scanner_seconds_since_volume"] < 120
     finally:
         stop.set()
-        streamer.join(10)
+        streamer.join(60)
     assert sent == [2]

@@ -21,7 +21,10 @@ from typer.testing import CliRunner
 from protocols import Activation, BoldVolume, Decoder, Prediction, Status, Trigger
 from services.security import CurveConfig, SecurityError, generate_keys, secure_connect
 from services.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER,
-                                Channel, free_tcp_endpoint, split_topic)
+                                Channel, bound_endpoint, free_tcp_endpoint, split_topic)
+
+ANY_PORT = "tcp://127.0.0.1:*"
+"""Where the test holds the binding socket: the OS picks the port and we read it back (no race)."""
 
 
 class Keys:
@@ -54,11 +57,14 @@ def keys(tmp_path) -> Keys:
     return Keys(tmp_path / "keys")
 
 
-def _sub(endpoint: str, curve: CurveConfig | None, *topics: bytes) -> zmq.Socket:
+def _sub(endpoint: str, curve: CurveConfig | None, *topics: bytes, monitor: list | None = None) -> zmq.Socket:
+    """A SUB connected to ``endpoint``; with ``monitor`` (a list), its handshake monitor is appended to it."""
     sock = zmq.Context.instance().socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     for t in topics or (b"",):
         sock.setsockopt(zmq.SUBSCRIBE, t)
+    if monitor is not None:
+        monitor.append(_monitor(sock))
     if curve is None:
         sock.connect(endpoint)  # plaintext
     else:
@@ -81,6 +87,26 @@ def _drain(sock: zmq.Socket, accept: list, seconds: float, until=None) -> list:
     return got
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def _monitor(sock: zmq.Socket) -> zmq.Socket:
+    """Watch ``sock``'s handshakes (call before it connects)."""
+    return sock.get_monitor_socket(_HANDSHAKE_FAILED)
+
+
+def _refused(monitor: zmq.Socket, timeout_s: float = 60) -> bool:
+    """True once the peer refused a handshake of the monitored socket (CURVE auth or mechanism mismatch)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        if monitor.poll(int(left * 1000) + 1) and recv_monitor_message(monitor)["event"] & _HANDSHAKE_FAILED:
+            return True
+    return False
+
+
 def _close(*socks: zmq.Socket) -> None:
     for s in socks:
         s.close(0)
@@ -89,6 +115,7 @@ def _close(*socks: zmq.Socket) -> None:
 # --- agent service: activation PUB ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_agent_activation_pub_serves_allowed_subscribers_only(keys, start_emulator):
     import torch
 
@@ -108,12 +135,12 @@ def test_agent_activation_pub_serves_allowed_subscribers_only(keys, start_emulat
     th = threading.Thread(target=lambda: box.update(summary=service.run()), daemon=True)
     th.start()
     try:
-        assert service.ready.wait(15), "agent did not join the CURVE emulator"
+        assert service.ready.wait(60), "agent did not join the CURVE emulator"
         encoder = _sub(act_ep, keys.client("encoder", "agent"), TOPIC_ACTIVATION)
         stranger = _sub(act_ep, keys.client("stranger", "agent"), TOPIC_ACTIVATION, TOPIC_HEARTBEAT)
         wrong_server = _sub(act_ep, keys.client("encoder", "emulator"), TOPIC_ACTIVATION)  # wrong server key
         plain = _sub(act_ep, None, TOPIC_ACTIVATION, TOPIC_HEARTBEAT)
-        got = _drain(encoder, [Activation], 10, until=lambda m: len(m) >= 2)
+        got = _drain(encoder, [Activation], 60, until=lambda m: len(m) >= 2)
         assert len(got) >= 2 and all(a.agent_id == "rl-0" and a.vectors.size > 0 for a in got)
         for sock in (stranger, wrong_server, plain):
             assert _drain(sock, [Activation, Status], 0.5) == []
@@ -132,11 +159,11 @@ def test_agent_service_refuses_an_exposed_activation_pub_without_keys():
 
     service = AgentService(RLAgent(RLConfig()), AgentServiceConfig(
         agent_id="rl-0", frames_endpoint=free_tcp_endpoint(), control_endpoint=free_tcp_endpoint(),
-        activations_endpoint="tcp://0.0.0.0:0", join_timeout_s=30))
+        activations_endpoint="tcp://0.0.0.0:0", join_timeout_s=600))
     t0 = time.monotonic()
     with pytest.raises(SecurityError, match="not loopback: CURVE keys are required"):
         service.run()
-    assert time.monotonic() - t0 < 2  # refused up front, not after waiting for an emulator
+    assert time.monotonic() - t0 < 300  # refused up front, not after the 600 s wait for an emulator
 
 
 # --- encoding service: activation SUB (client) and prediction PUB (server) ----------------------
@@ -159,13 +186,12 @@ def test_encoder_takes_input_only_from_publishers_that_admit_it_and_serves_allow
 
     ctx = zmq.Context.instance()
     # two "agent" publishers with the same server key pair: one admits the encoder, one does not
-    admits = TriggerPublisher(ctx, free_tcp_endpoint(), CurveConfig(secret_key=keys.secret("agent"),
-                                                                    allowed_clients=keys.allow("encoder")))
-    refuses = TriggerPublisher(ctx, free_tcp_endpoint(), CurveConfig(secret_key=keys.secret("agent"),
-                                                                     allowed_clients=keys.allow("dashboard")))
-    pred_ep = free_tcp_endpoint()
-    admits_ep = admits.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    refuses_ep = refuses.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    admits = TriggerPublisher(ctx, ANY_PORT, CurveConfig(secret_key=keys.secret("agent"),
+                                                         allowed_clients=keys.allow("encoder")))
+    refuses = TriggerPublisher(ctx, ANY_PORT, CurveConfig(secret_key=keys.secret("agent"),
+                                                          allowed_clients=keys.allow("dashboard")))
+    pred_ep = free_tcp_endpoint()  # the encoder binds it from its config
+    admits_ep, refuses_ep = bound_endpoint(admits.sock), bound_endpoint(refuses.sock)
     cfg = EncodingServiceConfig(weights=weights, activations=[admits_ep, refuses_ep], predictions=pred_ep,
                                 status_s=0.1, core=CoreConfig(tr_s=0.1, grace_s=0.05),
                                 curve=CurveConfig(secret_key=keys.secret("encoder"), server_public_key=keys.public("agent"),
@@ -175,17 +201,17 @@ def test_encoder_takes_input_only_from_publishers_that_admit_it_and_serves_allow
                           daemon=True)
     th.start()
     try:
-        assert ready.wait(15)
+        assert ready.wait(60)
         dashboard = _sub(pred_ep, keys.client("dashboard", "encoder"), TOPIC_PREDICTION, TOPIC_HEARTBEAT)
         stranger = _sub(pred_ep, keys.client("stranger", "encoder"), TOPIC_PREDICTION, TOPIC_HEARTBEAT)
         plain = _sub(pred_ep, None, TOPIC_PREDICTION, TOPIC_HEARTBEAT)
         # the encoder subscribes to 3 topics on each publisher; only the one that admits it sees them
-        assert admits.wait_for_subscribers(1, 10, topic=TOPIC_TRIGGER)
+        assert admits.wait_for_subscribers(1, 60, topic=TOPIC_TRIGGER)
         assert not refuses.wait_for_subscribers(1, 0.5, topic=TOPIC_TRIGGER)
         for k in range(2):
             admits.send(Trigger(tr_index=k, t_ns=time.monotonic_ns()), TOPIC_TRIGGER)
             refuses.send(Trigger(tr_index=10 + k, t_ns=time.monotonic_ns()), TOPIC_TRIGGER)
-        got = _drain(dashboard, [Prediction, Status], 10,
+        got = _drain(dashboard, [Prediction, Status], 60,
                      until=lambda m: any(isinstance(x, Prediction) for x in m) and any(isinstance(x, Status) for x in m))
         assert any(isinstance(x, Prediction) for x in got) and any(isinstance(x, Status) for x in got)
         assert _drain(stranger, [Prediction, Status], 0.5) == [] and _drain(plain, [Prediction, Status], 0.1) == []
@@ -225,14 +251,15 @@ def test_scanner_publisher_streams_to_allowed_subscribers_only(keys, tmp_path):
                                                                      wait_subscribers=1, curve=curve)), daemon=True)
     stranger = plain = None
     th.start()
+    monitors: list = []
     try:
-        time.sleep(0.2)  # the publisher binds
-        stranger = _sub(ep, keys.client("stranger", "scanner"), TOPIC_BOLD)
-        plain = _sub(ep, None, TOPIC_BOLD)
-        time.sleep(0.3)  # their subscriptions would have arrived by now: the publisher still waits
+        stranger = _sub(ep, keys.client("stranger", "scanner"), TOPIC_BOLD, monitor=monitors)
+        plain = _sub(ep, None, TOPIC_BOLD, monitor=monitors)
+        # both handshakes refused by the publisher (so their subscriptions never reach it): it still waits
+        assert all(_refused(m) for m in monitors), "the publisher did not refuse the stranger and the plaintext SUB"
         assert "n" not in box
         encoder = _sub(ep, keys.client("encoder", "scanner"), TOPIC_BOLD)
-        got = _drain(encoder, [BoldVolume], 10, until=lambda m: len(m) == 3)
+        got = _drain(encoder, [BoldVolume], 60, until=lambda m: len(m) == 3)
         assert [v.tr_index for v in got] == [0, 1, 2]
         assert np.array_equal(got[2].data, data[..., 2])
         th.join(10)
@@ -241,7 +268,10 @@ def test_scanner_publisher_streams_to_allowed_subscribers_only(keys, tmp_path):
         _close(encoder)
     finally:
         th.join(10)
-        _close(*(s for s in (stranger, plain) if s is not None))
+        for s in (stranger, plain):
+            if s is not None:
+                s.disable_monitor()
+        _close(*monitors, *(s for s in (stranger, plain) if s is not None))
     with pytest.raises(SecurityError, match="not loopback: CURVE keys are required"):
         TriggerPublisher(zmq.Context.instance(), "tcp://0.0.0.0:0")
 
@@ -259,23 +289,24 @@ def test_server_key_folder_gives_each_host_its_key_and_allow_lists_stay_apart(ke
     servers.mkdir()
     shutil.copy(keys.public("agent"), servers / "127.0.0.1.key")
     shutil.copy(keys.public("scanner"), servers / "127.0.0.2.key")
-    agent_ep = free_tcp_endpoint()
-    scanner_ep = free_tcp_endpoint().replace("127.0.0.1", "127.0.0.2")
-    agent = TriggerPublisher(ctx, agent_ep, CurveConfig(secret_key=keys.secret("agent"),
+    agent = TriggerPublisher(ctx, ANY_PORT, CurveConfig(secret_key=keys.secret("agent"),
                                                         allowed_clients=keys.allow("encoder")))
-    scanner = TriggerPublisher(ctx, scanner_ep, CurveConfig(secret_key=keys.secret("scanner"),
-                                                            allowed_clients=keys.allow("dashboard")))
+    scanner = TriggerPublisher(ctx, "tcp://127.0.0.2:*", CurveConfig(secret_key=keys.secret("scanner"),
+                                                                     allowed_clients=keys.allow("dashboard")))
+    agent_ep, scanner_ep = bound_endpoint(agent.sock), bound_endpoint(scanner.sock)
     curve = CurveConfig(secret_key=keys.secret("encoder"), server_public_key=str(servers))
     sock = _sub(agent_ep, curve, TOPIC_TRIGGER)
     secure_connect(sock, scanner_ep, curve)
     other = _sub(scanner_ep, CurveConfig(secret_key=keys.secret("dashboard"), server_public_key=str(servers)),
                  TOPIC_TRIGGER)
     try:
-        assert agent.wait_for_subscribers(1, 10, TOPIC_TRIGGER) and scanner.wait_for_subscribers(1, 10, TOPIC_TRIGGER)
+        assert agent.wait_for_subscribers(1, 60, TOPIC_TRIGGER) and scanner.wait_for_subscribers(1, 60, TOPIC_TRIGGER)
         agent.send(Trigger(tr_index=1, t_ns=1), TOPIC_TRIGGER)
         scanner.send(Trigger(tr_index=2, t_ns=2), TOPIC_TRIGGER)
-        assert [t.tr_index for t in _drain(sock, [Trigger], 1.0)] == [1]  # the scanner admits only the dashboard
-        assert [t.tr_index for t in _drain(other, [Trigger], 1.0, until=lambda m: m)] == [2]
+        # the scanner admits only the dashboard: the encoder's SUB gets the agent's trigger, never the scanner's
+        got = _drain(sock, [Trigger], 30, until=lambda m: m)
+        assert [t.tr_index for t in _drain(other, [Trigger], 30, until=lambda m: m)] == [2]
+        assert [t.tr_index for t in got + _drain(sock, [Trigger], 0.5)] == [1]
         with pytest.raises(SecurityError, match="expected .*127.0.0.3.key"):
             secure_connect(sock, "tcp://127.0.0.3:5", curve)
     finally:
@@ -297,22 +328,22 @@ def test_dashboard_refuses_exposed_endpoints_without_keys_and_subscribes_with_th
         Dashboard(DashboardConfig(frames="", control="", predictions=["tcp://encoder:5559"]))
 
     ctx = zmq.Context.instance()
-    ep = free_tcp_endpoint()
-    pub = TriggerPublisher(ctx, ep, CurveConfig(secret_key=keys.secret("scanner"),
-                                                allowed_clients=keys.allow("dashboard")))
+    pub = TriggerPublisher(ctx, ANY_PORT, CurveConfig(secret_key=keys.secret("scanner"),
+                                                      allowed_clients=keys.allow("dashboard")))
+    ep = bound_endpoint(pub.sock)
     states = {}
     for name in ("dashboard", "stranger"):
         states[name] = LiveState()
         sub = Subscriber(DashboardConfig(frames="", control="", bold=[ep], curve=keys.client(name, "scanner")),
                          states[name], ctx)
         sub.start()
-        assert sub.ready.wait(5)
+        assert sub.ready.wait(60)
         states[name + "-sub"] = sub
     try:
-        assert pub.wait_for_subscribers(1, 10, TOPIC_TRIGGER)
+        assert pub.wait_for_subscribers(1, 60, TOPIC_TRIGGER)
         for k in range(3):
             pub.send(Trigger(tr_index=k, t_ns=time.monotonic_ns()), TOPIC_TRIGGER)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while states["dashboard"].snapshot()["scanner"]["tr_index"] != 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert states["dashboard"].snapshot()["scanner"]["tr_index"] == 2

@@ -14,6 +14,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,arch", [("vlm", "Qwen2_5_VLForConditionalGeneration"),
                                           ("lam", "Qwen2VLForConditionalGeneration")])
 def test_build_tiny_loads_like_a_hub_model(tmp_path, variant, arch):

@@ -104,6 +104,7 @@ def test_labels_are_single_distinct_tokens(tiny_vlm):
     assert all(tok.encode(label, add_special_tokens=False) == [i] for label, i in zip(labels.labels, labels.token_ids))
 
 
+@pytest.mark.slow
 def test_frame_window_passes_k_evenly_spaced_frames(tiny_vlm, breakout_frames):
     frames, meanings = breakout_frames
     agent = FrameWindow(VLMAgent(VLMConfig(model=tiny_vlm, conditions=["action"], layers=[0, 2])), k=4, span_s=1.5)

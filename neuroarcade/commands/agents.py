@@ -200,7 +200,47 @@ def train_rl(
     print(json.dumps({k: v for k, v in asdict(summary).items() if k != "config"}))
 
 
+def eval_rl(
+    checkpoint: Optional[str] = typer.Argument(None, help="Checkpoint (default: the one shipped for --game)."),
+    game: str = typer.Option("ALE/Breakout-v5", help="Gymnasium ALE id."),
+    episodes: int = typer.Option(5, min=1, help="Whole games (every life) for the agent and for the random floor."),
+    sticky: float = typer.Option(0.25, help="Sticky-action probability (0.25: v5 default; 0: deterministic)."),
+    seed: int = typer.Option(0, help="Game i is seeded seed + i."),
+    path: str = typer.Option("headless", help="headless (the emulator's game core + the agent) or service "
+                                              "(emulator + agent service over loopback ZeroMQ)."),
+    card: bool = typer.Option(False, help="Record this evaluation in the checkpoint's sidecar and model card."),
+    curve: Optional[str] = typer.Option(None, help="With --card: also plot the training log into this PNG."),
+) -> None:
+    """Play whole games with an RL checkpoint and with a random policy on the same seeds; JSON last."""
+    from rich.console import Console
+
+    from agents.rl import CheckpointError
+    from services.evaluate_rl import EvalConfig, evaluate
+
+    console = Console(stderr=True)
+    try:
+        summary = evaluate(EvalConfig(game=game, checkpoint=checkpoint, episodes=episodes, sticky=sticky, seed=seed,
+                                      path=path), progress=console.print)
+    except (CheckpointError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    console.print(f"{summary.checkpoint}: {summary.mean_return:.1f} ± {summary.std_return:.1f} over "
+                  f"{summary.episodes} games (random {summary.random_mean_return:.1f} ± {summary.random_std_return:.1f}), "
+                  f"sticky {sticky}, {path}")
+    if card:
+        import shlex
+        import sys
+        from pathlib import Path
+
+        from services.evaluate_rl import plot_training_curve, record_in_card
+
+        log = Path(summary.checkpoint + ".log.jsonl")
+        png = plot_training_curve(log, curve, f"PPO {game}") if curve and log.is_file() else None
+        console.print(f"model card: {record_in_card(summary, shlex.join(['neuroarcade', *sys.argv[1:]]), png)}")
+    print(json.dumps(asdict(summary)))
+
+
 def register(app: typer.Typer) -> None:
     app.command("agent")(agent)
     app.command("train-rl")(train_rl)
+    app.command("eval-rl")(eval_rl)
     app.add_typer(models_app, name="models")

@@ -88,3 +88,15 @@ def e2e(
 
     main(seconds=seconds, fps=fps, point_seconds=point_seconds, agents_curve=agents_curve, fps_curve=fps_curve,
          vlm=vlm, tr_s=tr_s, grace_s=grace_s, game=game, out_dir=out_dir)
+
+
+@app.command()
+def train(
+    game: str = typer.Option("ALE/Breakout-v5", help="Game both loops train on."),
+    rounds: int = typer.Option(3, help="Alternating rounds (floor, ours)."),
+    iterations: int = typer.Option(5, help="PPO iterations (8 envs × 128 steps each) per side and round."),
+) -> None:
+    """`train-rl` throughput vs a bare CleanRL-style PPO loop, same env, network and settings."""
+    from benchmarks.train import main
+
+    main(game=game, rounds=rounds, iterations=iterations)

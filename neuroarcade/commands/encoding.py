@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import typer
 
@@ -52,41 +52,62 @@ def _fit_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fail(message: object) -> NoReturn:
+    """A domain error as one line on stderr and exit status 2 (a bug still shows its traceback)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 def fit_main(argv: list[str]) -> None:
     """The `neuroarcade fit` command body (argparse: the flags take several values each)."""
+    from encoders.data import FitInputError
+
+    args = _fit_parser().parse_args(argv)
+    try:
+        _fit(args)
+    except FitInputError as e:
+        _fail(e)
+
+
+def _fit(args: argparse.Namespace) -> None:
     import numpy as np
     from rich.console import Console
     from rich.table import Table
 
-    from encoders.data import bids_runs, load_atlas, load_bold, load_features
+    from encoders.data import FitInputError, bids_runs, load_atlas, load_bold, load_feature_runs
     from encoders.fit import FitConfig, fit_encoding, partition_variance
 
-    args = _fit_parser().parse_args(argv)
     console = Console(stderr=True)
     if args.bids:
         bold_paths, space_files = bids_runs(args.bids, args.sub, args.task)
         if args.spaces:
             missing = set(args.spaces) - set(space_files)
             if missing:
-                raise SystemExit(f"--spaces {sorted(missing)} not found; dataset has {sorted(space_files)}")
+                raise FitInputError(f"--spaces {sorted(missing)} not found; dataset has {sorted(space_files)}")
             space_files = {k: space_files[k] for k in args.spaces}
     else:
         if not args.bold or not args.features:
-            raise SystemExit("give --bold and --features (or --bids)")
+            raise FitInputError("give --bold and --features (or --bids)")
         bold_paths = args.bold
         space_files = {"": args.features}
         for name, *files in args.space:
             space_files[name] = [Path(f) for f in files]
+    if args.partition and len(space_files) != 2:  # before the fit, not after it
+        raise FitInputError(f"--partition needs exactly two feature spaces, have {len(space_files)}")
     bold = load_bold(bold_paths, args.mask, args.tr)
+    if args.partition and len(bold.runs) < 2:
+        raise FitInputError("--partition needs ≥2 runs (its scores are leave-one-run-out)")
     features: dict[str, list[np.ndarray]] = {}
     provenance: dict[str, dict] = {}
     for name, files in space_files.items():
-        if len(files) != len(bold.runs):
-            raise SystemExit(f"space {name or 'features'!r}: {len(files)} feature files for {len(bold.runs)} runs")
-        loaded = [load_features(f) for f in files]
-        meta = loaded[0][1]
+        try:
+            runs, meta = load_feature_runs(files, bold)
+        except FitInputError as e:
+            if args.bids:  # the message names the dataset's files
+                raise
+            raise FitInputError(f"{f'--space {name}' if name else '--features'}: {e}") from None
         name = name or meta.get("space") or "features"
-        features[name] = [x for x, _ in loaded]
+        features[name] = runs
         provenance[name] = {
             "model": args.model if args.model is not None else meta.get("model", ""),
             "layer": args.layer if args.layer is not None else meta.get("layer"),
@@ -104,12 +125,15 @@ def fit_main(argv: list[str]) -> None:
                        atlas=args.atlas.name if args.atlas else "",
                        extra_provenance={"bold": [str(p) for p in bold.paths],
                                          "features": {k: [str(f) for f in v] for k, v in space_files.items()}})
-    out = res.weights.save(args.out)
+    for warning in res.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    try:
+        out = res.weights.save(args.out)
+    except OSError as e:  # a read-only folder, a full disk: the reports beside it would fail alike
+        raise FitInputError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
     rows = roi_summary(res, roi_labels, roi_names)
     partition = None
     if args.partition:
-        if len(features) != 2:
-            raise SystemExit(f"--partition needs exactly two feature spaces, have {list(features)}")
         (na, ra), (nb, rb) = features.items()
         parts = partition_variance(bold.runs, (na, ra), (nb, rb), cfg)
         partition = {f"unique_{na}": parts["unique_a"], f"unique_{nb}": parts["unique_b"], "shared": parts["shared"]}
@@ -210,16 +234,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Offline prediction: one predicted volume per feature row."""
         import nibabel as nib
-        import numpy as np
 
+        from encoders.data import FitInputError, load_features
         from encoders.weights import EncodingWeights, WeightsError
 
         try:
             w = EncodingWeights.load(weights)
-            pred = w.predict([np.load(f, allow_pickle=False) for f in features])
-        except WeightsError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            pred = w.predict([load_features(f)[0] for f in features])
+        except (WeightsError, FitInputError) as e:
+            _fail(e)
         img = nib.Nifti1Image(w.to_volume(pred), w.affine)
         img.header.set_xyzt_units("mm", "sec")
         img.header["pixdim"][4] = w.tr

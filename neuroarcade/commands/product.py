@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,8 @@ def register(app: typer.Typer) -> None:
 
 
 def demo(
-    seconds: float = typer.Option(40.0, help="How long the participant's run is replayed (recorded pace)."),
+    seconds: float = typer.Option(0.0, help="How long the participant's held-out run is replayed (recorded pace; "
+                                            "0 = all of it, 60 TRs = 2 min: enough TRs for a stable ROI ordering)."),
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the synthetic participant and this run's outputs."),
     model: str = typer.Option("", help="VLM by hub name or local dir ('' = the tiny offline Qwen2.5-VL), "
                                        "e.g. Qwen/Qwen2.5-VL-7B-Instruct when you have a hub."),
@@ -38,17 +40,21 @@ def demo(
 
     say = _say(as_json)
     root = participant or out / "participant"
+    if participant is None and (root / "derivatives" / "neuroarcade_session.json").exists() and \
+            Participant.load(root).planted is None:
+        say(f"{root} was made before participants recorded their planted parts: making it again")
+        shutil.rmtree(root)
     if (root / "derivatives" / "neuroarcade_session.json").exists():
         p = Participant.load(root)
     else:
-        say(f"making a synthetic participant in {root} (once; about 2 minutes on a laptop CPU)")
+        say(f"making a synthetic participant in {root} (once; about a minute on a laptop CPU)")
         p = make_participant(root, ParticipantConfig(game=game, model=model), progress=say)
     held_out = p.runs[-1]["run"]
     tr = 2.0
     if dashboard_port and not _port_free(dashboard_port):
         busy, dashboard_port = dashboard_port, int(free_tcp_endpoint().rsplit(":", 1)[1])
         say(f"port {busy} is in use: the dashboard takes {dashboard_port}")
-    plan = ReplayPlan(p, held_out, out / "run", max_trs=max(3, math.ceil(seconds / tr)),
+    plan = ReplayPlan(p, held_out, out / "run", max_trs=max(3, math.ceil(seconds / tr)) if seconds > 0 else None,
                       dashboard_port=dashboard_port or None,
                       on_dashboard=lambda url: say(f"dashboard: {url}"))
     summary = replay_session(plan, progress=say)
@@ -89,13 +95,14 @@ def replay_session(
 def synth_participant(
     out: Path = typer.Argument(..., help="Folder to write the BIDS dataset into."),
     game: str = typer.Option("ALE/Pong-v5", help="Game played in the recorded runs."),
-    runs: int = typer.Option(3, help="Runs (the last is held out from the fit)."),
+    runs: int = typer.Option(4, help="Runs (the last is held out from the fit)."),
     trs: int = typer.Option(60, help="Volumes per run."),
     model: str = typer.Option("", help="VLM ('' = build the tiny offline Qwen2.5-VL)."),
     seed: int = typer.Option(0, help="Seed of everything random."),
 ) -> None:
-    """A synthetic participant whose BOLD is planted on a VLM's action/reasoning-prompt features, with fitted
-    weights per agent and condition; `replay-session` then checks the planted ROI ordering comes back."""
+    """A synthetic participant whose BOLD is planted on a VLM's action/reasoning-prompt features (unique-action,
+    unique-reasoning and shared parts per ROI), with fitted weights per agent and condition; `replay-session` then
+    shows the planted beside the recovered scores."""
     from services.session import ParticipantConfig, make_participant
 
     p = make_participant(out, ParticipantConfig(game=game, runs=runs, trs=trs, model=model, seed=seed))
@@ -142,10 +149,14 @@ def _say(quiet: bool):
 
 def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(summary, default=str))
+        from services.report import json_ready
+
+        typer.echo(json.dumps(json_ready(summary), default=str))
         return
     from rich.console import Console
     from rich.table import Table
+
+    from encoders.plant import PartitionRow, PlantedPattern, Recovery
 
     console = Console()
     if summary.get("agents"):
@@ -158,8 +169,29 @@ def _print_summary(summary: dict, as_json: bool) -> None:
                       f"{a['latency_p50_ms']:.1f}", f"{a['latency_p99_ms']:.1f}", str(a["activations"]),
                       str(a["stale_skipped"]))
         console.print(t)
-    scores = summary.get("scores", {})
-    if scores:
+    recovery = [Recovery(**row) for row in summary.get("recovery") or []]
+    if recovery:
+        first = recovery[0]
+        known = any(math.isfinite(r.planted_fraction) for r in recovery)  # a synthetic participant
+        console.print((f"[bold]planted vs recovered[/bold], per stream and ROI, over {first.n_trs} TRs. planted r: "
+                       "what a perfect model of the stream scores on this run (— nothing planted on it); "
+                       if known else f"[bold]scores beside chance[/bold], over {first.n_trs} TRs. ") +
+                      "recovered r: predicted vs measured ROI means; chance: 95 % of r with the measured series "
+                      f"shuffled in {first.block}-TR blocks ({first.permutations} permutations); * above chance.")
+        for stream in dict.fromkeys(r.stream for r in recovery):
+            t = Table(title=stream)
+            for col in ("ROI", "planted R²", "planted r", "recovered r", "chance 95 %", "p"):
+                t.add_column(col, justify="left" if col == "ROI" else "right")
+            for r in (r for r in recovery if r.stream == stream):
+                t.add_row(r.roi, _num(r.planted_fraction), _num(r.planted_r),
+                          _num(r.r) + ("*" if r.above_chance else " "), f"{_num(r.null_lo)} … {_num(r.null_hi)}",
+                          f"{r.p:.3f}" if math.isfinite(r.p) else "—")
+            console.print(t)
+        if any(not math.isfinite(r.planted_fraction) and r.above_chance for r in recovery):
+            console.print("[dim]A stream nothing was planted on can still score: it sees the same frames, and the "
+                          "planted sources are functions of them.[/dim]")
+    elif summary.get("scores"):
+        scores = summary["scores"]
         rois = list(next(iter(scores.values())))
         t = Table(title="Pearson r, predicted vs measured BOLD (ROI means)")
         t.add_column("stream")
@@ -168,4 +200,23 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         for stream, per_roi in scores.items():
             t.add_row(stream, *[f"{per_roi.get(r, float('nan')):.2f}" for r in rois])
         console.print(t)
+    partition = [PartitionRow(**row) for row in summary.get("partition") or []]
+    if partition:
+        t = Table(title="variance partitioning, action vs reasoning prompt (held-out R², ROI voxel mean; "
+                        "planted → recovered)")
+        for col in ("ROI", "unique action", "unique reasoning", "shared"):
+            t.add_column(col, justify="left" if col == "ROI" else "right")
+        for r in partition:
+            t.add_row(r.roi, *[f"{_num(planted)} → {_num(got)}" for planted, got in (
+                (r.planted_unique_action, r.unique_action), (r.planted_unique_reasoning, r.unique_reasoning),
+                (r.planted_shared, r.shared))])
+        console.print(t)
+    if summary.get("planted"):
+        overlap = PlantedPattern.load_dict(summary["planted"]).overlap
+        console.print(f"prompt conditions — {overlap.describe()}")
     console.print(f"report: {summary.get('report')}   replay bit-exact: {summary.get('replay_verified')}")
+
+
+def _num(v: float | None) -> str:
+    """Two decimals; — for a value that does not apply (nan / None)."""
+    return "—" if v is None or not math.isfinite(v) else f"{v:.2f}"
