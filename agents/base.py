@@ -259,7 +259,7 @@ class Recorder(Wrapper):
 def read_decisions(out_dir: str | Path) -> list[dict]:
     """Load a :class:`Recorder` directory: the JSON lines with each activation's ``vectors`` filled in.
 
-    (Not a session recording: those are ``.narec`` files, read by ``services.recording.read_recording``.)
+    (Not a session recording: those are ``.narec`` files, read by ``services.plumbing.recording.read_recording``.)
     """
     out = Path(out_dir)
     files: dict[str, dict] = {}

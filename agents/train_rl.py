@@ -68,6 +68,9 @@ class TrainConfig:
     checkpoint_every: int = 20
     """Iterations between resumable state files."""
     device: str = "cpu"
+    init: str | None = None
+    """Warm start: a ``.cleanrl_model`` whose weights this run starts from (fresh optimiser and a new
+    annealed schedule over ``frames``); None: a seeded random network."""
 
     @property
     def batch(self) -> int:
@@ -323,6 +326,30 @@ def _load_state(path: Path, cfg: TrainConfig) -> dict | None:
     return state
 
 
+def _init_weights(path: str, like: dict) -> dict:
+    """The fp32 weights of checkpoint ``path``, checked against the network they go into."""
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--init {path}: unreadable ({type(e).__name__})") from None
+    if set(sd) != set(like) or any(sd[k].shape != like[k].shape for k in like):
+        raise ValueError(f"--init {path}: not a PPO Nature-CNN for this game's action set")
+    return {k: v.float() for k, v in sd.items()}
+
+
+def init_frames(path: str | None) -> int:
+    """Frames already behind a warm-start checkpoint (its sidecar's, recursively; 0 when unknown)."""
+    if not path:
+        return 0
+    try:
+        meta = json.loads(Path(str(path) + ".json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(meta.get("total_frames", meta.get("frames", 0)))
+
+
 def _truncate_log(path: Path, iteration: int) -> None:
     """Drop log rows past the resumed iteration (they are replayed)."""
     if not path.is_file():
@@ -357,6 +384,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: Callable[[TrainProgress],
     start, seconds_before = 0, 0.0
     if state is None:
         torch.manual_seed(cfg.seed)
+        if cfg.init:
+            ppo.net.load_state_dict(_init_weights(cfg.init, ppo.net.state_dict()))
         log_path.write_text("")
     else:
         ppo.net.load_state_dict(state["model"])
@@ -399,6 +428,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: Callable[[TrainProgress],
     summary = TrainSummary(str(out), cfg.game, cfg.iterations * frames_per_iter, cfg.iterations, round(seconds, 1),
                            float(np.mean(recent)) if recent else None, start, asdict(cfg))
     meta = {"env_id": cfg.game, "algo": "ppo", "n_actions": n_actions, "frames": summary.frames,
+            "total_frames": init_frames(cfg.init) + summary.frames,
             "iterations": summary.iterations, "seed": cfg.seed, "train_seconds": summary.train_seconds,
             "episode_return_last": summary.episode_return_last, "command": command,
             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",

@@ -445,7 +445,7 @@ def _read_shm(path: Path, timeout_s: float) -> dict | None:
 
 
 def _free_port(host: str) -> int:
-    """A TCP port free on ``host`` right now (agents may not import services.transport: layer contract)."""
+    """A TCP port free on ``host`` right now (agents may not import services.plumbing.transport: layer contract)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

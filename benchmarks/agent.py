@@ -130,9 +130,9 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
 
         require_vllm(remote=bool(vllm_url))  # before starting anything: clear advice, no traceback
     from services.emulator import Emulator, EmulatorConfig
-    from services.game import GameSettings
-    from services.recording import read_recording
-    from services.transport import free_tcp_endpoint
+    from services.plumbing.game import GameSettings
+    from services.plumbing.recording import read_recording
+    from services.plumbing.transport import free_tcp_endpoint
 
     conds = [c for c in conditions.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:

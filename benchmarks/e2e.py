@@ -79,7 +79,7 @@ def _worker(kind: str, agent_id: str, model: str, game: str, commands, results) 
 
     torch.set_num_threads(1)
     from services.agent import AgentService, AgentServiceConfig
-    from services.closed_loop import AgentSpec, build_agent
+    from pipelines.closed_loop import AgentSpec, build_agent
 
     try:
         agent = Stamped(build_agent(AgentSpec(agent_id, kind, model=model, conditions=["action"]), game))
@@ -148,7 +148,7 @@ def _scanner(endpoint: str, volumes: np.ndarray, affine: np.ndarray, tr_s: float
 
     from protocols import BoldVolume, Trigger
     from services.scanner import TriggerPublisher
-    from services.transport import TOPIC_BOLD, TOPIC_TRIGGER
+    from services.plumbing.transport import TOPIC_BOLD, TOPIC_TRIGGER
 
     pub = TriggerPublisher(zmq.Context.instance(), endpoint)
     try:
@@ -176,7 +176,7 @@ def _sink(endpoint: str, stop, got: list) -> None:
     import zmq
 
     from protocols import Decoder, Prediction
-    from services.transport import TOPIC_PREDICTION, split_topic
+    from services.plumbing.transport import TOPIC_PREDICTION, split_topic
 
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, TOPIC_PREDICTION)
@@ -195,9 +195,9 @@ def _run_point(workers: list[Worker], results, tmp: Path, *, fps: float, seconds
                game: str, encoder: dict | None = None) -> PointResult:
     """Start an emulator, let the workers join it for ``seconds`` (+ warm-up), collect stamps."""
     from services.emulator import Emulator, EmulatorConfig
-    from services.game import GameSettings
-    from services.recording import read_recording
-    from services.transport import free_tcp_endpoint
+    from services.plumbing.game import GameSettings
+    from services.plumbing.recording import read_recording
+    from services.plumbing.transport import free_tcp_endpoint
 
     frames, control = free_tcp_endpoint(), free_tcp_endpoint()
     record = tmp / f"e2e-{fps:g}hz-{len(workers)}a-{time.monotonic_ns()}.narec"

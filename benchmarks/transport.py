@@ -28,7 +28,7 @@ RAW_TOPIC = b"raw"
 
 def _client(frames_ep: str, control_ep: str, n_total: int) -> None:
     from protocols import Action, Decoder, Frame
-    from services.transport import Channel, make_socket
+    from services.plumbing.transport import Channel, make_socket
 
     ctx = zmq.Context()
     sub = make_socket(ctx, zmq.SUB, hwm=1000)
@@ -57,7 +57,7 @@ def _client(frames_ep: str, control_ep: str, n_total: int) -> None:
 
 def round_trip(frames: int) -> dict:
     from protocols import Action, Decoder
-    from services.transport import TOPIC_FRAME, Channel, bind_ephemeral, make_socket
+    from services.plumbing.transport import TOPIC_FRAME, Channel, bind_ephemeral, make_socket
 
     ctx = zmq.Context()
     pub = make_socket(ctx, zmq.PUB, hwm=1000)
@@ -162,8 +162,8 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
     costs on this machine, whoever does it.
     """
     from services.emulator import Emulator, EmulatorConfig
-    from services.game import GameEnv, GameSettings
-    from services.transport import bind_ephemeral, free_tcp_endpoint, make_socket
+    from services.plumbing.game import GameEnv, GameSettings
+    from services.plumbing.transport import bind_ephemeral, free_tcp_endpoint, make_socket
 
     settings = GameSettings(game=game, repeat_action_probability=0.0)
     raw_game = GameEnv(settings)

@@ -22,9 +22,9 @@ import zmq
 
 from agents.base import Agent, Decision, FatalAgentError, FrameRef, Observation
 from protocols import Action, Activation, Frame, Status
-from services.client import GameClient
-from services.security import CurveConfig, ServerSecurity, check_bind
-from services.transport import (
+from services.plumbing.client import GameClient
+from services.plumbing.security import CurveConfig, ServerSecurity, check_bind
+from services.plumbing.transport import (
     DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTION, TOPIC_ACTIVATION, TOPIC_HEARTBEAT, Channel, make_socket,
 )
 
@@ -189,7 +189,7 @@ class AgentService:
         metrics_server = None
         try:
             if cfg.metrics_port is not None:
-                from services.metrics import serve_metrics
+                from services.plumbing.metrics import serve_metrics
 
                 metrics_server, _ = serve_metrics("agent", self.snapshot, cfg.metrics_port)
                 self.metrics_port = metrics_server.server_port

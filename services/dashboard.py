@@ -51,9 +51,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protocols import Action, Activation, BoldVolume, Decoder, Frame, Prediction, Status, Trigger
-from services.metrics import snapshot_registry
-from services.security import CurveConfig, SecurityError, check_connect, secure_connect
-from services.transport import (
+from services.plumbing.metrics import snapshot_registry
+from services.plumbing.security import CurveConfig, SecurityError, check_connect, secure_connect
+from services.plumbing.transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_HEARTBEAT, TOPIC_PREDICTION,
     TOPIC_TRIGGER, Channel, make_socket, split_topic,
 )
@@ -328,7 +328,7 @@ class LiveState:
         return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else None
 
     def metrics_snapshot(self) -> dict[str, Any]:
-        """Counters and gauges for /metrics (services.metrics.SnapshotCollector)."""
+        """Counters and gauges for /metrics (services.plumbing.metrics.SnapshotCollector)."""
         with self.lock:
             counts = dict(self.counts)
             tr_index = self.scanner["tr_index"]
@@ -510,7 +510,7 @@ class KeyboardPlayer:
         self.thread.join(5)
 
     def _run(self) -> None:
-        from services.client import GameClient
+        from services.plumbing.client import GameClient
 
         self.state.on_play(enabled=True, client_id=self.client_id, role="joining", buttons=[], action=None)
         client = GameClient(self.client_id, role="controller", frames_endpoint=self.cfg.frames,

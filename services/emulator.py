@@ -34,12 +34,12 @@ from protocols import (
     Action, Bye, Error, ErrorCode, Frame, Heartbeat, Hello, ProtocolError, Status, Trigger, Welcome,
 )
 
-from .game import (
+from services.plumbing.game import (
     FRAME_HASH, GameEnv, GameSettings, check_replay_compatible, new_session_id, replay_headless, settings_from_header,
 )
-from .security import CurveConfig, ServerSecurity
-from .recording import ActionLog, End, Recording, RecordingWriter, Reset, Step, TriggerMark, read_recording
-from .transport import (
+from services.plumbing.security import CurveConfig, ServerSecurity
+from services.plumbing.recording import ActionLog, End, Recording, RecordingWriter, Reset, Step, TriggerMark, read_recording
+from services.plumbing.transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_FRAME, TOPIC_HEARTBEAT, TOPIC_TRIGGER, Channel, Counters, make_socket,
 )
 
@@ -211,7 +211,7 @@ class Emulator:
         self.t_start = time.monotonic_ns()
         self._next_status = self.t_start
         if cfg.metrics_port is not None:
-            from .metrics import serve_metrics
+            from services.plumbing.metrics import serve_metrics
 
             self.metrics_server, _ = serve_metrics("emulator", self.snapshot, cfg.metrics_port)
             self.metrics_port = self.metrics_server.server_port

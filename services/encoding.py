@@ -33,7 +33,7 @@ from encoders.align import TrAligner
 from encoders.stream import OnlinePredictor
 from encoders.weights import EncodingWeights, WeightsError, roi_table
 from protocols import Activation, BoldVolume, Prediction, Trigger
-from services.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
+from services.plumbing.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
 
 log = logging.getLogger("neuroarcade.encoding")
 
@@ -353,7 +353,7 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
 
     from protocols import Decoder
     from protocols import Status
-    from services.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER,
+    from services.plumbing.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER,
                                     Channel, make_socket, split_topic)
 
     stop = stop or threading.Event()
@@ -400,7 +400,7 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
 
     metrics_server = None
     if cfg.metrics_port is not None:
-        from services.metrics import serve_metrics
+        from services.plumbing.metrics import serve_metrics
 
         metrics_server, _ = serve_metrics("encoder", snapshot, cfg.metrics_port)
         cfg.metrics_port = metrics_server.server_port  # the port actually bound (0 = any)

@@ -34,8 +34,8 @@ import numpy as np
 import zmq
 
 from protocols import BoldVolume, Trigger
-from services.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
-from services.transport import TOPIC_BOLD, TOPIC_TRIGGER, Channel, make_socket
+from services.plumbing.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
+from services.plumbing.transport import TOPIC_BOLD, TOPIC_TRIGGER, Channel, make_socket
 
 log = logging.getLogger("neuroarcade.scanner")
 
@@ -472,7 +472,7 @@ def publish_stream(source, endpoint: str, ctx: zmq.Context | None = None, wait_s
     progress = {"sent": 0, "tr_index": -1, "t_last": None}
     metrics_server = None
     if metrics_port is not None:
-        from .metrics import serve_metrics
+        from services.plumbing.metrics import serve_metrics
 
         def snapshot() -> dict:
             kinds: dict[str, int] = {}
@@ -516,7 +516,7 @@ def run_trigger_paced(bold: str | Path, trigger_endpoint: str, out_endpoint: str
     import nibabel as nib
 
     from protocols import Decoder
-    from services.transport import split_topic
+    from services.plumbing.transport import split_topic
 
     img = nib.load(str(bold))
     n = img.shape[3] if n_volumes is None else min(n_volumes, img.shape[3])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from services.emulator import Emulator, EmulatorConfig
-from services.game import GameSettings
-from services.transport import free_tcp_endpoint
+from services.plumbing.game import GameSettings
+from services.plumbing.transport import free_tcp_endpoint
 
 
 # Slow tests in files this conftest marks instead of a decorator there (module → test names; "*" = all).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.closed_loop import run_closed_loop
+from pipelines.closed_loop import run_closed_loop
 
 
 @pytest.mark.slow

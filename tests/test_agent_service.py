@@ -15,8 +15,8 @@ from agents.tiny import build_tiny
 from agents.vlm import VLMAgent, VLMConfig, pool_hidden
 from protocols import Activation, Decoder, Frame
 from services.agent import AgentService, AgentServiceConfig
-from services.recording import read_recording
-from services.transport import TOPIC_ACTIVATION, TOPIC_FRAME, free_tcp_endpoint, split_topic
+from services.plumbing.recording import read_recording
+from services.plumbing.transport import TOPIC_ACTIVATION, TOPIC_FRAME, free_tcp_endpoint, split_topic
 
 FRAME_PERIOD_S = 4 / 60  # realtime Pong-v5: 15 frames/s
 
@@ -242,7 +242,7 @@ class _Scripted:
 def test_per_decision_stats_stay_bounded_over_a_long_run():
     """Hours of decisions keep a window of samples, as the emulator does; counts and the max cover the run."""
     from services.agent import ERROR_SAMPLES, STATS_WINDOW, _Pending
-    from services.client import GameClient
+    from services.plumbing.client import GameClient
 
     def feed(service: AgentService, n: int, first_age_s: float = 0.0) -> None:
         now = time.monotonic_ns()

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.batch import (
+from pipelines.batch import (
     MANIFEST, AgentSpec, ExtractConfig, ReplayError, plan_jobs, run_batch, run_job,
 )
 from services.emulator import record_headless
-from services.game import GameSettings
-from services.recording import MAGIC, Step, iter_records, read_recording
+from services.plumbing.game import GameSettings
+from services.plumbing.recording import MAGIC, Step, iter_records, read_recording
 
 pytestmark = pytest.mark.slow  # Ray, the tiny VLM, fits
 
@@ -50,7 +50,7 @@ def tiny_vlm(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from services.batch import init_ray
+    from pipelines.batch import init_ray
 
     ray = init_ray(None, num_cpus=2, object_store_mb=80)
     yield ray
@@ -99,7 +99,7 @@ def test_ray_gives_exactly_the_sequential_features(recordings, tiny_vlm, local_r
 def test_features_follow_the_live_alignment_rule(recordings, tmp_path):
     """Row t = mean of the decisions whose frame was shown in [trigger t, trigger t+1), as the live encoder does."""
     from agents.base import Observation
-    from services.batch import build_agent, replay_frames
+    from pipelines.batch import build_agent, replay_frames
 
     job = plan_jobs(recordings[:1], [AgentSpec.parse("rl")], ExtractConfig())[0]
     result = run_job(job)
@@ -202,7 +202,7 @@ def test_agent_specs_are_parsed_or_refused_clearly():
 def test_fit_subjects_on_ray_matches_sequential_and_skips_finished(local_ray, tmp_path):
     from encoders.synth import SynthConfig, generate, write_bids
     from encoders.weights import EncodingWeights
-    from services.batch import FitJob, run_fit_batch
+    from pipelines.batch import FitJob, run_fit_batch
 
     bids = tmp_path / "bids"
     for i, sub in enumerate(("01", "02")):

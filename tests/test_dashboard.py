@@ -21,8 +21,8 @@ import zmq
 
 from protocols import Action, Activation, BoldVolume, Prediction, Trigger
 from services.dashboard import Dashboard, DashboardConfig, action_for_keys, check_access
-from services.recording import read_recording
-from services.transport import (
+from services.plumbing.recording import read_recording
+from services.plumbing.transport import (
     TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_PREDICTION, TOPIC_TRIGGER, Channel, free_tcp_endpoint, make_socket,
 )
 

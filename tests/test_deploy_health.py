@@ -10,9 +10,9 @@ import zmq
 from typer.testing import CliRunner
 
 from neuroarcade.cli import app
-from services.health import HealthError, probe
-from services.security import CurveConfig, generate_keys
-from services.transport import free_tcp_endpoint
+from services.plumbing.health import HealthError, probe
+from services.plumbing.security import CurveConfig, generate_keys
+from services.plumbing.transport import free_tcp_endpoint
 
 
 def run_cli(*args: str):

@@ -7,11 +7,11 @@ import time
 import zmq
 
 from protocols import Status
-from services.client import GameClient
+from services.plumbing.client import GameClient
 from services.emulator import record_headless
-from services.game import GameSettings, frame_hash
-from services.recording import read_recording
-from services.transport import TOPIC_HEARTBEAT, Channel, make_socket, split_topic
+from services.plumbing.game import GameSettings, frame_hash
+from services.plumbing.recording import read_recording
+from services.plumbing.transport import TOPIC_HEARTBEAT, Channel, make_socket, split_topic
 
 
 FRAME_PERIOD_NS = 4 * 1_000_000_000 // 60  # realtime Pong-v5 (frameskip 4): 15 frames/s
@@ -167,7 +167,7 @@ def test_status_reports_counters_and_clients(start_emulator):
 
 
 def test_client_rejoins_after_emulator_restart(start_emulator):
-    from services.transport import free_tcp_endpoint
+    from services.plumbing.transport import free_tcp_endpoint
 
     fe, ce = free_tcp_endpoint(), free_tcp_endpoint()
     emu1 = start_emulator(mode="realtime", frames_endpoint=fe, control_endpoint=ce, heartbeat_s=0.2)
@@ -214,7 +214,7 @@ def test_prometheus_metrics_expose_counters(start_emulator):
 
 def test_replay_re_emits_scanner_triggers_at_the_same_game_time(start_emulator, tmp_path):
     from protocols import Trigger
-    from services.transport import TOPIC_TRIGGER
+    from services.plumbing.transport import TOPIC_TRIGGER
 
     src = tmp_path / "scan.narec"
     rec = record_headless(GameSettings(game="ALE/Pong-v5"), 150, src, tr_s=2.0)

@@ -20,7 +20,7 @@ from protocols import Activation, BoldVolume, Decoder, Prediction, Trigger
 from services.encoding import CoreConfig, EncodingServiceConfig, run_encoding_service
 from services.scanner import FolderSource, SimulatedScannerConfig, TriggerPublisher, publish_stream, \
     run_simulated_scanner
-from services.transport import TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER, \
+from services.plumbing.transport import TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER, \
     bound_endpoint, free_tcp_endpoint, split_topic
 
 pytestmark = pytest.mark.slow  # a fit, then 30 TRs streamed end to end

@@ -30,8 +30,8 @@ import zmq
 
 from protocols import Trigger
 from services.emulator import verify_replay
-from services.recording import read_recording
-from services.transport import Channel, free_tcp_endpoint, make_socket
+from services.plumbing.recording import read_recording
+from services.plumbing.transport import Channel, free_tcp_endpoint, make_socket
 
 pytestmark = pytest.mark.slow  # agent processes against a real emulator, tens of seconds each
 
@@ -200,7 +200,7 @@ def test_emulator_restart_agent_and_encoder_reconnect_and_first_recording_replay
 
 
 @pytest.mark.xfail(strict=False, reason="known bug: the emulator answers heartbeats of a client it dropped, so a "
-                   "thawed agent never notices and never rejoins (services/client.py counts any reply as heard)")
+                   "thawed agent never notices and never rejoins (services/plumbing/client.py counts any reply as heard)")
 def test_frozen_agent_and_a_flood_bounded_memory_others_unaffected(start_emulator, caplog):
     caplog.set_level(logging.WARNING, logger="neuroarcade.emulator")
     emu = start_emulator(heartbeat_s=0.5)

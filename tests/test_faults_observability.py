@@ -12,8 +12,8 @@ import zmq
 from agents.rl import RLAgent, RLConfig
 from protocols import Trigger
 from services.agent import AgentService, AgentServiceConfig
-from services.health import probe
-from services.transport import TOPIC_ACTIVATION, TOPIC_TRIGGER, Channel, free_tcp_endpoint, make_socket
+from services.plumbing.health import probe
+from services.plumbing.transport import TOPIC_ACTIVATION, TOPIC_TRIGGER, Channel, free_tcp_endpoint, make_socket
 
 
 def _scrape(port: int) -> dict[str, float]:

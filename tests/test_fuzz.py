@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from protocols import Activation, BoldVolume, Decoder, Frame, Prediction, ProtocolError, Trigger
 from protocols.messages import KINDS, MESSAGE_TYPES
-from services.transport import (
+from services.plumbing.transport import (
     Channel, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_PREDICTION, TOPIC_TRIGGER, bind_ephemeral, bound_endpoint,
 )
 
@@ -155,7 +155,7 @@ def _subscribed(sock: zmq.Socket, n_subscribers: int = 1) -> zmq.Socket:
 
 @pytest.mark.slow
 def test_emulator_control_router(start_emulator, corpus):
-    from services.client import GameClient
+    from services.plumbing.client import GameClient
 
     emu = start_emulator()
     ctx = zmq.Context.instance()
@@ -256,7 +256,7 @@ def test_dashboard_sub(corpus):
 @pytest.mark.slow
 def test_agent_frames_path_gameclient(start_emulator, corpus):
     """The agent service's peer input: frames decoded by GameClient.next_frame (AgentService's I/O loop)."""
-    from services.client import GameClient
+    from services.plumbing.client import GameClient
 
     emu = start_emulator()
     ctx = zmq.Context.instance()
@@ -316,7 +316,7 @@ def test_scanner_xpub_subscription_input(corpus):
 
 
 def test_invalid_utf8_in_a_header_does_not_kill_the_emulator(start_emulator):
-    from services.client import GameClient
+    from services.plumbing.client import GameClient
 
     emu = start_emulator()
     r0 = emu.emu.counters.rejected

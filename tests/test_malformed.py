@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from services.client import GameClient
+from services.plumbing.client import GameClient
 
 
 def _malformed(rng: np.random.Generator, i: int) -> list[bytes]:

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from services.emulator import record_headless, verify_replay
-from services.game import GameSettings
-from services.recording import Step, read_recording, write_bids_events
+from services.plumbing.game import GameSettings
+from services.plumbing.recording import Step, read_recording, write_bids_events
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_verify_reports_first_mismatching_step(tmp_path):
     path = tmp_path / "r.narec"
     rec = record_headless(GameSettings(game="ALE/Breakout-v5", seed=1, repeat_action_probability=0.0), 200, path)
     # Rewrite the file with one action changed at step 120: the replay must diverge there or later.
-    from services.recording import RecordingWriter, iter_records
+    from services.plumbing.recording import RecordingWriter, iter_records
 
     tampered = tmp_path / "t.narec"
     records = list(iter_records(path))
@@ -118,7 +118,7 @@ def test_game_step_makes_the_frames_of_gymnasium_step():
     import gymnasium as gym
     import numpy as np
 
-    from services.game import GameEnv, frame_hash
+    from services.plumbing.game import GameEnv, frame_hash
 
     settings = GameSettings(game="ALE/Breakout-v5", seed=5, repeat_action_probability=0.25)
     ours = GameEnv(settings)
@@ -144,8 +144,8 @@ def test_game_step_makes_the_frames_of_gymnasium_step():
 def test_recordings_hashed_with_xxh3_still_verify(tmp_path):
     """Frame hashes are xxh64 since the header names its algorithm; earlier files say nothing
     (xxh3_128 by default) and must keep verifying, diverging ones keep failing."""
-    from services.game import GameEnv, settings_from_header
-    from services.recording import Header, Reset, RecordingWriter, iter_records
+    from services.plumbing.game import GameEnv, settings_from_header
+    from services.plumbing.recording import Header, Reset, RecordingWriter, iter_records
 
     path = tmp_path / "new.narec"
     rec = record_headless(GameSettings(game="ALE/Pong-v5", seed=2, repeat_action_probability=0.25), 150, path)
@@ -175,7 +175,7 @@ def test_recordings_hashed_with_xxh3_still_verify(tmp_path):
 
 
 def test_unknown_frame_hash_is_a_clear_error():
-    from services.game import GameEnv
+    from services.plumbing.game import GameEnv
 
     with pytest.raises(ValueError, match="unknown frame hash 'md5'"):
         GameEnv(GameSettings(), "md5")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.report import load_run, write_report
+from pipelines.report import load_run, write_report
 
 ROIS = {1: "visual", 2: "motor", 3: "prefrontal"}
 

@@ -12,7 +12,7 @@ import pytest
 
 from agents.base import FrameRef, Observation
 from agents.rl import CheckpointError, RLAgent, RLConfig, nature_cnn, observe_frame, read_checkpoint
-from services.game import GameEnv, GameSettings
+from services.plumbing.game import GameEnv, GameSettings
 
 
 def play(game: str, actions, sticky: float = 0.0, seed: int = 0) -> tuple[list[FrameRef], tuple[str, ...]]:

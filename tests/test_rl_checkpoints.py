@@ -9,7 +9,7 @@ import json
 import pytest
 
 from agents.rl import CHECKPOINTS, RLAgent, RLConfig
-from services.evaluate_rl import EvalConfig, evaluate
+from pipelines.evaluate_rl import EvalConfig, evaluate
 
 SHIPPED = sorted(CHECKPOINTS.glob("*.cleanrl_model"))
 # Return above the same run's random floor that each checkpoint clears on every seed set tried

@@ -18,7 +18,7 @@ import zmq
 from protocols import BoldVolume, Decoder, Trigger
 from services.scanner import (FolderSource, RecordedSource, SimulatedScannerConfig, publish_stream,
                               read_volume_file, run_simulated_scanner)
-from services.transport import TOPIC_BOLD, TOPIC_TRIGGER, free_tcp_endpoint, split_topic
+from services.plumbing.transport import TOPIC_BOLD, TOPIC_TRIGGER, free_tcp_endpoint, split_topic
 
 NIB_DIR = Path(os.path.dirname(nib.__file__))
 FUNCTIONAL = NIB_DIR / "tests" / "data" / "functional.nii"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import zmq
 
-from services.client import GameClient
+from services.plumbing.client import GameClient
 from services.emulator import Emulator, EmulatorConfig
-from services.security import CurveConfig, SecurityError, generate_keys, is_loopback
+from services.plumbing.security import CurveConfig, SecurityError, generate_keys, is_loopback
 
 
 def test_loopback_detection():

@@ -19,8 +19,8 @@ import zmq
 from typer.testing import CliRunner
 
 from protocols import Activation, BoldVolume, Decoder, Prediction, Status, Trigger
-from services.security import CurveConfig, SecurityError, generate_keys, secure_connect
-from services.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER,
+from services.plumbing.security import CurveConfig, SecurityError, generate_keys, secure_connect
+from services.plumbing.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER,
                                 Channel, bound_endpoint, free_tcp_endpoint, split_topic)
 
 ANY_PORT = "tcp://127.0.0.1:*"

@@ -21,8 +21,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from encoders.plant import PLANT, PartitionRow, Recovery, read_rows
-from services.session import Participant, ParticipantConfig, make_participant, replay_batch
-from services.transport import free_tcp_endpoint
+from pipelines.session import Participant, ParticipantConfig, make_participant, replay_batch
+from services.plumbing.transport import free_tcp_endpoint
 
 # The first test builds the participant (about 70 s of CPU: four runs recorded, features extracted, weights
 # and a variance partition fitted); on a machine shared with a training job that is many minutes of wall time.
@@ -129,8 +129,8 @@ def test_demo_json_runs_the_live_loop_and_writes_a_report(participant, tmp_path)
 
 
 def test_live_with_a_simulated_scanner_scores_trs_and_records_triggers(participant, tmp_path):
-    from services.recording import read_recording
-    from services.session import LivePlan, run_live
+    from services.plumbing.recording import read_recording
+    from pipelines.session import LivePlan, run_live
 
     port = int(free_tcp_endpoint().rsplit(":", 1)[1])
     plan = LivePlan(participant, tmp_path / "export", tmp_path / "live", duration_s=14.0,

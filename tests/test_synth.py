@@ -104,7 +104,7 @@ def test_fit_bids_two_spaces_with_partition(app, dataset, tmp_path):
 
 
 def test_synth_records_gameplay_linked_from_events(app, tmp_path):
-    from services.recording import read_recording
+    from services.plumbing.recording import read_recording
 
     out = tmp_path / "rec"
     res = CliRunner().invoke(app, ["synth", str(out), "--runs", "1", "--trs", "6", "--voxel-mm", "16", "--record"])

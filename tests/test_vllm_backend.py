@@ -157,7 +157,7 @@ def test_closed_loop_with_the_emulator(engine, tiny_model, start_emulator):
     from agents.base import FrameWindow
     from protocols import Activation, Decoder
     from services.agent import AgentService, AgentServiceConfig
-    from services.transport import TOPIC_ACTIVATION, free_tcp_endpoint, split_topic
+    from services.plumbing.transport import TOPIC_ACTIVATION, free_tcp_endpoint, split_topic
 
     emu = start_emulator(game="ALE/Breakout-v5")
     act_ep = free_tcp_endpoint()
@@ -203,7 +203,7 @@ def run_agent_cli(tiny_model: str, emu, tmp_path, *args: str, seconds: float = 8
     import zmq
 
     from protocols import Activation, Decoder
-    from services.transport import TOPIC_ACTIVATION, free_tcp_endpoint, split_topic
+    from services.plumbing.transport import TOPIC_ACTIVATION, free_tcp_endpoint, split_topic
 
     act_ep = free_tcp_endpoint()
     sub = zmq.Context.instance().socket(zmq.SUB)
@@ -255,7 +255,7 @@ def run_agent_cli(tiny_model: str, emu, tmp_path, *args: str, seconds: float = 8
 
 def check_cli_run(summary: dict, got: list, emu) -> None:
     """Decisions and activations arrived, every action the emulator received was legal and drove the game."""
-    from services.recording import read_recording
+    from services.plumbing.recording import read_recording
 
     assert summary["agent_id"] == "vlm-cli" and summary["role"] == "controller"
     assert summary["decisions"] >= 10, summary
@@ -348,8 +348,8 @@ def test_agent_cli_against_vllm_serve(server, tiny_model, start_emulator, tmp_pa
 
 
 def test_closed_loop_spec_on_vllm_serve(server, tiny_model):
-    """services.closed_loop with ``AgentSpec(backend="vllm", vllm_url=…)``: its agent process decides and publishes."""
-    from services.closed_loop import AgentSpec, run_closed_loop
+    """pipelines.closed_loop with ``AgentSpec(backend="vllm", vllm_url=…)``: its agent process decides and publishes."""
+    from pipelines.closed_loop import AgentSpec, run_closed_loop
 
     spec = AgentSpec("vlm-vllm", "vlm", role="controller", model=tiny_model, conditions=list(CONDITIONS),
                      backend="vllm", vllm_url=server.url)

@@ -18,7 +18,7 @@ def main() -> None:
     from agents.base import FrameRef, Observation
     from agents.tiny import build_tiny
     from agents.vlm import VLMAgent, VLMConfig
-    from services.game import GameEnv, GameSettings
+    from services.plumbing.game import GameEnv, GameSettings
 
     game = GameEnv(GameSettings(game="ALE/Breakout-v5", repeat_action_probability=0.0))
     pixels, _ = game.reset()

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from services.transport import DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES
+from services.plumbing.transport import DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES
 
 models_app = typer.Typer(no_args_is_help=True, help="Local models: build the offline tiny VLM/LAM.")
 
@@ -73,7 +73,7 @@ def agent(
     """Run an RL or VLM/LAM agent against the emulator: act on the newest frame, publish activations."""
     import signal
 
-    from services.security import CurveConfig, SecurityError, preflight
+    from services.plumbing.security import CurveConfig, SecurityError, preflight
 
     curve = CurveConfig(secret_key=curve_secret, allowed_clients=curve_allow, server_public_key=curve_server_key)
     try:  # before a model is loaded
@@ -83,7 +83,7 @@ def agent(
         raise typer.Exit(2) from None
 
     if log_json:
-        from services.metrics import setup_logging
+        from services.plumbing.metrics import setup_logging
 
         setup_logging(verbose=True, json_logs=True)
 
@@ -173,6 +173,7 @@ def train_rl(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     threads: int = typer.Option(0, help="torch threads (0: one per core)."),
     checkpoint_every: int = typer.Option(20, help="Iterations between resumable state files."),
+    init: Optional[str] = typer.Option(None, help="Warm start from this checkpoint's weights (new optimiser and schedule)."),
 ) -> None:
     """Train a Nature-CNN PPO agent (CleanRL's Atari recipe on ale-py's vector env); rerun to resume after a kill."""
     import shlex
@@ -183,7 +184,8 @@ def train_rl(
     from agents.train_rl import TrainConfig, train
 
     cfg = TrainConfig(game=game, frames=frames, num_envs=num_envs, seed=seed, sticky=sticky, bf16=bf16,
-                      device=device, torch_threads=threads, checkpoint_every=checkpoint_every)
+                      device=device, torch_threads=threads, checkpoint_every=checkpoint_every,
+                      init=init)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn())
     with Progress(*columns) as bar:
         task = bar.add_task(f"PPO {game}", total=cfg.iterations, status="")
@@ -215,7 +217,7 @@ def eval_rl(
     from rich.console import Console
 
     from agents.rl import CheckpointError
-    from services.evaluate_rl import EvalConfig, evaluate
+    from pipelines.evaluate_rl import EvalConfig, evaluate
 
     console = Console(stderr=True)
     try:
@@ -231,7 +233,7 @@ def eval_rl(
         import sys
         from pathlib import Path
 
-        from services.evaluate_rl import plot_training_curve, record_in_card
+        from pipelines.evaluate_rl import plot_training_curve, record_in_card
 
         log = Path(summary.checkpoint + ".log.jsonl")
         png = plot_training_curve(log, curve, f"PPO {game}") if curve and log.is_file() else None

@@ -35,7 +35,7 @@ def dashboard(
 ) -> None:
     """Live dashboard: game, agents' decisions, predicted vs measured BOLD per ROI, brain map, TR clock."""
     from services.dashboard import Dashboard, DashboardConfig
-    from services.security import CurveConfig, SecurityError
+    from services.plumbing.security import CurveConfig, SecurityError
 
     cfg = DashboardConfig(frames=frames, control=control, activations=list(activations), bold=list(bold),
                           predictions=list(predictions), host=host, port=port, token=token, play=play,
@@ -58,7 +58,7 @@ def report(
     title: str = typer.Option("", help="Report title (default: the run folder's name)."),
 ) -> None:
     """Self-contained HTML report of a run: ROI scores, variance partitioning, brain maps, latencies."""
-    from services.report import write_report
+    from pipelines.report import write_report
 
     path = write_report(run_dir, out=out, title=title or None)
     typer.echo(f"wrote {path}")

@@ -54,7 +54,7 @@ def health(
         raise typer.BadParameter(f"--check must be one of {HEALTH_CHECKS}")
     if socket not in ("sub", "dealer"):
         raise typer.BadParameter("--socket must be sub or dealer")
-    from services.health import HealthError, probe
+    from services.plumbing.health import HealthError, probe
 
     try:
         detail = probe(endpoint, check, timeout_s=timeout, socket_kind=socket, service=service,
@@ -124,7 +124,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], defaults: dict) -> 
 def extract_main(argv: list[str], defaults: dict | None = None) -> None:
     from rich.console import Console
 
-    from services.batch import AgentSpec, ExtractConfig, plan_jobs, run_batch
+    from pipelines.batch import AgentSpec, ExtractConfig, plan_jobs, run_batch
 
     args = _parse(_extract_parser(), argv, defaults or {})
     console = Console(stderr=True)
@@ -181,7 +181,7 @@ def _fit_subjects_parser() -> argparse.ArgumentParser:
 
 
 def fit_subjects_main(argv: list[str], defaults: dict | None = None) -> None:
-    from services.batch import FitJob, run_fit_batch
+    from pipelines.batch import FitJob, run_fit_batch
 
     args = _parse(_fit_subjects_parser(), argv, defaults or {})
     options = {"delays": args.delays, "pca": args.pca, "backend": args.backend, "blas_threads": args.threads,

@@ -209,7 +209,7 @@ def write_fit_reports(weights_path: Path, res, rows: list[dict], partition) -> l
 
 def _curve_or_exit(secret: str, allow: str = "", server_key: str = "", binds=(), connects=()):
     """The command's CurveConfig, its endpoints checked first: exposed without keys = a clear error, exit 2."""
-    from services.security import CurveConfig, SecurityError, preflight
+    from services.plumbing.security import CurveConfig, SecurityError, preflight
 
     curve = CurveConfig(secret_key=secret, allowed_clients=allow, server_public_key=server_key)
     try:
@@ -334,7 +334,7 @@ def register(app: typer.Typer) -> None:
                                connects=[*activations, *bold])
 
         from services.encoding import CoreConfig, EncodingServiceConfig, run_encoding_service
-        from services.metrics import JsonFormatter
+        from services.plumbing.metrics import JsonFormatter
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if log_json:
@@ -368,7 +368,7 @@ def register(app: typer.Typer) -> None:
         def record_run(path: Path, seconds: float, run_seed: int) -> Path:
             # the headless recorder: a random controller plays, TR triggers every `tr` s of game time
             from services.emulator import record_headless
-            from services.game import GameSettings
+            from services.plumbing.game import GameSettings
 
             settings = GameSettings(game=game, seed=run_seed)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from services.transport import DEFAULT_CONTROL, DEFAULT_FRAMES
+from services.plumbing.transport import DEFAULT_CONTROL, DEFAULT_FRAMES
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +26,7 @@ def keys_generate(
     name: str = typer.Option("server", help="Key name (e.g. server, vlm-agent, encoder)."),
 ) -> None:
     """Generate a CURVE key pair."""
-    from services.security import generate_keys
+    from services.plumbing.security import generate_keys
 
     public, secret = generate_keys(folder, name)
     typer.echo(f"public: {public}\nsecret: {secret} (keep private; mode 600)")
@@ -74,10 +74,10 @@ def emulator(
 ) -> None:
     """Run the emulator service: publish frames, take actions, record the session."""
     from services.emulator import Emulator, EmulatorConfig, install_signal_handlers
-    from services.game import GameSettings
-    from services.security import CurveConfig
+    from services.plumbing.game import GameSettings
+    from services.plumbing.security import CurveConfig
 
-    from services.metrics import setup_logging
+    from services.plumbing.metrics import setup_logging
 
     setup_logging(verbose, log_json)
     cfg = EmulatorConfig(
@@ -120,7 +120,7 @@ def record(
     from rich.progress import Progress
 
     from services.emulator import record_headless
-    from services.game import GameSettings
+    from services.plumbing.game import GameSettings
 
     settings = GameSettings(game=game, seed=seed, frameskip=frameskip, repeat_action_probability=sticky,
                             full_action_space=full_action_space)
@@ -141,7 +141,7 @@ def replay(
     bids_events: Optional[Path] = typer.Option(None, help="Write a BIDS _events.tsv pointing at the recording."),
 ) -> None:
     """Inspect, verify (bit-exact) or serve a recorded session."""
-    from services.recording import RecordingError, read_recording, write_bids_events
+    from services.plumbing.recording import RecordingError, read_recording, write_bids_events
 
     try:
         rec = read_recording(path)

@@ -35,8 +35,8 @@ def demo(
 ) -> None:
     """Offline tour: a synthetic participant's session replayed with an RL agent and a VLM (action and reasoning
     prompts), the scanner's volumes arriving TR by TR, live encoding scores, the dashboard, then a report."""
-    from services.session import Participant, ParticipantConfig, ReplayPlan, make_participant, replay_session
-    from services.transport import free_tcp_endpoint
+    from pipelines.session import Participant, ParticipantConfig, ReplayPlan, make_participant, replay_session
+    from services.plumbing.transport import free_tcp_endpoint
 
     say = _say(as_json)
     root = participant or out / "participant"
@@ -74,8 +74,8 @@ def replay_session(
 ) -> None:
     """Replay a participant's session with model agents watching the bit-identical frames; score each agent's
     predicted BOLD against the participant's measured BOLD per ROI; write scores, maps and a report."""
-    from services.session import Participant, ReplayPlan, replay_batch
-    from services.session import replay_session as run_replay
+    from pipelines.session import Participant, ReplayPlan, replay_batch
+    from pipelines.session import replay_session as run_replay
 
     say = _say(as_json)
     try:
@@ -103,7 +103,7 @@ def synth_participant(
     """A synthetic participant whose BOLD is planted on a VLM's action/reasoning-prompt features (unique-action,
     unique-reasoning and shared parts per ROI), with fitted weights per agent and condition; `replay-session` then
     shows the planted beside the recovered scores."""
-    from services.session import ParticipantConfig, make_participant
+    from pipelines.session import ParticipantConfig, make_participant
 
     p = make_participant(out, ParticipantConfig(game=game, runs=runs, trs=trs, model=model, seed=seed))
     typer.echo(f"{p.root}: {len(p.runs)} runs, weights {', '.join(p.weights)}; held-out {p.runs[-1]['run']}")
@@ -121,7 +121,7 @@ def live(
 ) -> None:
     """Scanner-side demo: the participant plays in the browser, the export folder is watched, agents run
     alongside, predictions and running scores appear live; a report at the end."""
-    from services.session import LivePlan, Participant, run_live
+    from pipelines.session import LivePlan, Participant, run_live
 
     p = Participant.load(participant)
     summary = run_live(LivePlan(p, scanner_folder, out, game=game, duration_s=duration, simulate=simulate,
@@ -149,7 +149,7 @@ def _say(quiet: bool):
 
 def _print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
-        from services.report import json_ready
+        from pipelines.report import json_ready
 
         typer.echo(json.dumps(json_ready(summary), default=str))
         return

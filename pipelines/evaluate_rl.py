@@ -4,7 +4,7 @@ Example::
 
     neuroarcade eval-rl agents/checkpoints/breakout.cleanrl_model --episodes 10 --sticky 0.25
 
-Two paths, same games: ``headless`` steps :class:`services.game.GameEnv` (the emulator's own game
+Two paths, same games: ``headless`` steps :class:`services.plumbing.game.GameEnv` (the emulator's own game
 core, with the frames it publishes, ``pooled_gray`` included) and calls the agent's ``infer``
 directly — fast, for many episodes; ``service`` runs the real emulator in lockstep and the agent
 service as its controller over loopback ZeroMQ, and reads the returns back from the session's
@@ -24,7 +24,7 @@ import numpy as np
 from agents.base import FrameRef, Observation
 from agents.rl import RandomAgent, RLAgent, RLConfig
 
-from .game import GameEnv, GameSettings
+from services.plumbing.game import GameEnv, GameSettings
 
 PATHS = ("headless", "service")
 
@@ -100,8 +100,8 @@ def play_service(agent, settings: GameSettings, episodes: int, max_steps: int,
     controller; returns (raw return, steps) per game, read from the session's recording."""
     from services.agent import AgentService, AgentServiceConfig
     from services.emulator import Emulator, EmulatorConfig
-    from services.recording import read_recording
-    from services.transport import free_tcp_endpoint
+    from services.plumbing.recording import read_recording
+    from services.plumbing.transport import free_tcp_endpoint
 
     record = record_dir / f"eval-{settings.seed}.narec"
     emu = Emulator(EmulatorConfig(

@@ -11,7 +11,7 @@ weights per agent and prompt condition (``derivatives/weights/<agent>__<conditio
   volumes go out as each TR completes (``scanner.run_trigger_paced``); one encoding service per
   weights file predicts and scores each TR; the dashboard can watch it all;
 - as fast as possible (``batch``): each run is replayed offline through each agent (every frame
-  hash checked, ``services.batch.run_job``), features are aligned to TRs by the same rule, the
+  hash checked, ``pipelines.batch.run_job``), features are aligned to TRs by the same rule, the
   weights predict, and the prediction is scored against the measured BOLD.
 
 Either way the run folder gets ``<agent>__<condition>_scores.tsv`` (per ROI), predicted NIfTIs,
@@ -39,7 +39,7 @@ from typing import Callable
 import numpy as np
 
 from encoders.plant import PLANT
-from services.transport import free_tcp_endpoint
+from services.plumbing.transport import free_tcp_endpoint
 
 # (agent id, kind, prompt conditions) of the default agents of a session
 DEFAULT_AGENTS = (("rl-0", "rl", ()), ("vlm-0", "vlm", ("action", "reasoning")))
@@ -120,9 +120,9 @@ class Participant:
 def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable[[str], None] = print) -> Participant:
     from encoders import synth
     from encoders.fit import FitConfig, fit_encoding, partition_variance
-    from services.batch import ExtractConfig, Job, run_job
+    from pipelines.batch import ExtractConfig, Job, run_job
     from services.emulator import record_headless
-    from services.game import GameSettings
+    from services.plumbing.game import GameSettings
 
     out = Path(out)
     (out / "derivatives").mkdir(parents=True, exist_ok=True)
@@ -256,8 +256,8 @@ def plant_bold(features_a: list[np.ndarray], features_b: list[np.ndarray], cfg: 
 
 
 def extraction_specs(model: str) -> dict:
-    """The default agents (``DEFAULT_AGENTS``) as offline extraction specs: agent id → services.batch.AgentSpec."""
-    from services.batch import AgentSpec
+    """The default agents (``DEFAULT_AGENTS``) as offline extraction specs: agent id → pipelines.batch.AgentSpec."""
+    from pipelines.batch import AgentSpec
 
     return {"rl-0": AgentSpec(label="rl", kind="rl"),
             "vlm-0": AgentSpec(label="vlm", kind="vlm", model=model, conditions=("action", "reasoning"),
@@ -318,7 +318,7 @@ class ClosedLoop:
 
     def __init__(self, p: Participant, out: Path, agents: list[tuple[str, str, tuple[str, ...]]],
                  progress: Callable[[str], None]):
-        from services.closed_loop import AgentSpec
+        from pipelines.closed_loop import AgentSpec
 
         self.p, self.out, self.progress = p, Path(out), progress
         self.out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +383,7 @@ class ClosedLoop:
             on_url(self.dashboard.url)
 
     def start_agents(self) -> None:
-        from services.closed_loop import AgentProcesses
+        from pipelines.closed_loop import AgentProcesses
 
         self.agents = AgentProcesses(self.specs, self.emulator.game.settings.game, self.frames, self.control)
 
@@ -394,7 +394,7 @@ class ClosedLoop:
                 t.join(timeout=grace_s)
 
     def finish(self, run: str) -> dict:
-        from services.closed_loop import _report
+        from pipelines.closed_loop import _report
 
         self.stop.set()
         summaries = self.agents.stop()
@@ -461,7 +461,7 @@ def run_live(plan: LivePlan, progress: Callable[[str], None] = print) -> dict:
     """Realtime emulator controlled from the dashboard's keyboard; volumes from the watched export folder;
     scanner triggers recorded by the emulator (forwarded), so frames map to TRs."""
     from services.emulator import EmulatorConfig
-    from services.game import GameSettings
+    from services.plumbing.game import GameSettings
     from services.scanner import FolderSource, SimulatedScannerConfig, publish_stream, run_simulated_scanner
 
     loop = ClosedLoop(plan.participant, plan.out, plan.agents, progress)
@@ -494,7 +494,7 @@ def _forward_triggers(trigger_endpoint: str, control_endpoint: str, stop: thread
     import zmq
 
     from protocols import Decoder, Trigger
-    from services.transport import TOPIC_TRIGGER, Channel, make_socket, split_topic
+    from services.plumbing.transport import TOPIC_TRIGGER, Channel, make_socket, split_topic
 
     ctx = zmq.Context.instance()
     sub = make_socket(ctx, zmq.SUB)
@@ -522,7 +522,7 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
     from rich.progress import Progress
 
     from encoders.weights import EncodingWeights, roi_table
-    from services.batch import ExtractConfig, Job, run_job
+    from pipelines.batch import ExtractConfig, Job, run_job
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -669,7 +669,7 @@ def _recovery_from_outputs(p: Participant, run: str, out: Path, streams: list[st
 
 def _latency_from_recording(path: Path) -> dict:
     """Decision round trips per agent and condition, from the replay's own action log (emulator clock)."""
-    from services.recording import read_recording
+    from services.plumbing.recording import read_recording
 
     rec = read_recording(path)
     t_frame = {seq: t for seq, t, _ in rec.frames()}
@@ -718,7 +718,7 @@ def _finish(out: Path, run: str, streams: list[str], agents_summary: dict | None
             progress: Callable[[str], None], replay_verified: bool, participant: Participant | None = None,
             recovery: list | None = None) -> dict:
     from encoders.plant import PartitionRow, read_rows, write_rows
-    from services.report import json_ready, write_report
+    from pipelines.report import json_ready, write_report
 
     scores = _read_scores(out, streams)
     if recovery:

@@ -6,7 +6,7 @@ emulator or of another agent. ``run_closed_loop`` is a self-contained loop (a li
 recording, no participant) that returns one summary dict: per agent and prompt condition
 ``decisions``, ``latency_p50_ms``, ``latency_p99_ms``, ``activations``, ``stale_skipped``. It is not
 the demo's loop: ``neuroarcade demo`` and ``replay-session`` replay a participant's run through
-``services.session.ClosedLoop``, which starts the same :class:`AgentProcesses`.
+``pipelines.session.ClosedLoop``, which starts the same :class:`AgentProcesses`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.transport import free_tcp_endpoint
+from services.plumbing.transport import free_tcp_endpoint
 
 
 @dataclass
@@ -145,7 +145,7 @@ def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_d
     ``model_dir`` is None).
     """
     from services.emulator import Emulator, EmulatorConfig
-    from services.game import GameSettings
+    from services.plumbing.game import GameSettings
 
     with tempfile.TemporaryDirectory(prefix="neuroarcade-loop-") as tmp:
         if agents is None:

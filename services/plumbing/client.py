@@ -17,8 +17,8 @@ import zmq
 
 from protocols import Action, Bye, Decoder, Error, Frame, Heartbeat, Hello, Status, Welcome
 
-from .security import CurveConfig, secure_connect
-from .transport import (
+from services.plumbing.security import CurveConfig, secure_connect
+from services.plumbing.transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_FRAME, Channel, Counters, make_socket, recv_latest, split_topic,
 )
 

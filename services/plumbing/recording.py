@@ -61,7 +61,7 @@ class Header(msgspec.Struct, tag="header", tag_field="type"):
     meta: dict[str, str] = {}
     """Free-form labels (subject, session, task, run, operator …)."""
     frame_hash_algo: str = "xxh3_128"
-    """Algorithm of every ``frame_hash`` (services.game.FRAME_HASHES); files that predate the field
+    """Algorithm of every ``frame_hash`` (services.plumbing.game.FRAME_HASHES); files that predate the field
     used xxh3_128."""
 
 

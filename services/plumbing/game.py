@@ -21,7 +21,7 @@ import xxhash
 
 from protocols import PROTOCOL_VERSION
 
-from .recording import FORMAT_VERSION, Header, Recording, Reset, Step
+from services.plumbing.recording import FORMAT_VERSION, Header, Recording, Reset, Step
 
 gym.register_envs(ale_py)
 

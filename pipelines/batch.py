@@ -164,10 +164,10 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def replay_frames(rec) -> Iterator[FrameRef]:
-    """Re-run a recording headless (:func:`services.game.replay_headless`, as ``verify_replay``)
+    """Re-run a recording headless (:func:`services.plumbing.game.replay_headless`, as ``verify_replay``)
     and yield every frame as agents see it. Raises :class:`ReplayError` on the first frame whose
     hash differs from the recorded one, or when the recording cannot be replayed here."""
-    from services.game import replay_headless
+    from services.plumbing.game import replay_headless
 
     try:
         for r, pixels, h, game in replay_headless(rec):
@@ -229,7 +229,7 @@ def run_job(job: Job) -> JobResult:
     """Replay one recording through one agent and align its activations to TRs (pure, deterministic)."""
     from agents.base import Observation
     from encoders.align import TrAligner
-    from services.recording import read_recording
+    from services.plumbing.recording import read_recording
 
     t0 = time.perf_counter()
     rec = read_recording(job.recording)

@@ -31,13 +31,13 @@ class HealthError(RuntimeError):
 def _curve(secret_key: str, server_key: str):
     if not secret_key:
         return None
-    from services.security import CurveConfig
+    from services.plumbing.security import CurveConfig
 
     return CurveConfig(secret_key=secret_key, server_public_key=server_key)
 
 
 def _connect(sock: zmq.Socket, endpoint: str, secret_key: str, server_key: str) -> None:
-    from services.security import SecurityError, secure_connect
+    from services.plumbing.security import SecurityError, secure_connect
 
     try:
         secure_connect(sock, endpoint, _curve(secret_key, server_key))
@@ -66,7 +66,7 @@ def probe(endpoint: str, check: str, *, timeout_s: float = 3.0, socket_kind: str
 
 def _probe_heartbeat(ctx, endpoint, timeout_s, secret_key, server_key) -> dict:
     from protocols import Decoder, Error, Heartbeat
-    from services.transport import Channel
+    from services.plumbing.transport import Channel
 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -91,7 +91,7 @@ def _probe_heartbeat(ctx, endpoint, timeout_s, secret_key, server_key) -> dict:
 
 def _probe_status(ctx, endpoint, timeout_s, service, secret_key, server_key) -> dict:
     from protocols import Decoder, Status
-    from services.transport import TOPIC_HEARTBEAT, Channel, split_topic
+    from services.plumbing.transport import TOPIC_HEARTBEAT, Channel, split_topic
 
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
