@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The venv is rebuilt whenever pyproject.toml changes (stale) or is missing.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean venv browser
+.PHONY: demo test test-fast bench clean venv browser docs-dashboard
 
 venv: $(STAMP)
 
@@ -37,6 +37,12 @@ test: $(STAMP) browser
 # idle 2-core machine. `make test` still runs everything.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Refresh docs/dashboard.png: the browser test against the real live session (emulator, agents, simulated
+# scanner, encoders; a few minutes) copies its screenshot there. Plain test runs never write into docs/.
+docs-dashboard: $(STAMP) browser
+	NEUROARCADE_SCREENSHOT=docs/dashboard.png $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/test_dashboard.py::test_dashboard_in_headless_chromium
 
 bench: $(STAMP)
 	$(BIN)/neuroarcade bench transport

@@ -339,15 +339,19 @@ def _init_weights(path: str, like: dict) -> dict:
     return {k: v.float() for k, v in sd.items()}
 
 
-def init_frames(path: str | None) -> int:
-    """Frames already behind a warm-start checkpoint (its sidecar's, recursively; 0 when unknown)."""
+def training_stages(path: str | None) -> list[dict]:
+    """The training stages behind checkpoint ``path`` (its sidecar's ``stages``, or the one stage its
+    sidecar describes), oldest first; [] when ``path`` is None or has no sidecar."""
     if not path:
-        return 0
+        return []
     try:
         meta = json.loads(Path(str(path) + ".json").read_text())
     except (OSError, ValueError):
-        return 0
-    return int(meta.get("total_frames", meta.get("frames", 0)))
+        return []
+    if "stages" in meta:
+        return list(meta["stages"])
+    return [{"command": meta.get("command", ""), "frames": int(meta.get("frames", 0)), "seed": meta.get("seed"),
+             "train_seconds": meta.get("train_seconds"), "log": meta.get("log")}]
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
@@ -419,21 +423,51 @@ def train(cfg: TrainConfig, out: str | Path, progress: Callable[[TrainProgress],
                 progress(TrainProgress(done, cfg.iterations, done * frames_per_iter,
                                        (done - start) * frames_per_iter / max(elapsed, 1e-9), row["episode_return_mean"]))
     envs.close()
-    seconds = seconds_before + time.monotonic() - t0
-    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in ppo.net.state_dict().items()}
+    return write_checkpoint(cfg, out, ppo.net.state_dict(), n_actions, cfg.iterations,
+                            seconds_before + time.monotonic() - t0, rollout.finished, start, command)
+
+
+def write_checkpoint(cfg: TrainConfig, out: Path, state_dict: dict, n_actions: int, iterations: int,
+                     seconds: float, finished: list[float], resumed_from: int, command: str) -> TrainSummary:
+    """Write the fp16 checkpoint ``out`` and its sidecar ``out.json`` (stages, settings, versions)."""
+    import ale_py
+    import torch
+
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in state_dict.items()}
     tmp = out.with_name(out.name + ".tmp")
     torch.save(sd, tmp)
     os.replace(tmp, out)
-    recent = rollout.finished[-20:]
-    summary = TrainSummary(str(out), cfg.game, cfg.iterations * frames_per_iter, cfg.iterations, round(seconds, 1),
-                           float(np.mean(recent)) if recent else None, start, asdict(cfg))
-    meta = {"env_id": cfg.game, "algo": "ppo", "n_actions": n_actions, "frames": summary.frames,
-            "total_frames": init_frames(cfg.init) + summary.frames,
-            "iterations": summary.iterations, "seed": cfg.seed, "train_seconds": summary.train_seconds,
+    recent = finished[-20:]
+    frames = iterations * cfg.batch * TRAIN_ENV.frameskip
+    log_name = out.name + ".log.jsonl"
+    summary = TrainSummary(str(out), cfg.game, frames, iterations, round(seconds, 1),
+                           float(np.mean(recent)) if recent else None, resumed_from, asdict(cfg))
+    stages = training_stages(cfg.init) + [{"command": command, "frames": frames, "seed": cfg.seed,
+                                           "train_seconds": summary.train_seconds, "log": log_name}]
+    meta = {"env_id": cfg.game, "algo": "ppo", "n_actions": n_actions, "frames": frames,
+            "total_frames": sum(st["frames"] for st in stages), "stages": stages,
+            "iterations": iterations, "planned_iterations": cfg.iterations, "seed": cfg.seed,
+            "train_seconds": summary.train_seconds,
             "episode_return_last": summary.episode_return_last, "command": command,
             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
             "ale_py_version": ale_py.__version__, "torch_version": torch.__version__,
-            "observation": asdict(TRAIN_ENV), "bf16": cfg.use_bf16, "config": asdict(cfg), "log": log_path.name,
+            "observation": asdict(TRAIN_ENV), "bf16": cfg.use_bf16, "config": asdict(cfg), "log": log_name,
             "format": "CleanRL ppo_atari Agent state dict, fp16 (torch.save(agent.state_dict()))"}
     out.with_name(out.name + ".json").write_text(json.dumps(meta, indent=2) + "\n")
     return summary
+
+
+def export_state(out: str | Path, command: str = "") -> TrainSummary:
+    """Write checkpoint ``out`` from the resumable ``out.state.pt`` of a run that was stopped before its
+    last iteration (its sidecar records the iterations done and the ones planned)."""
+    import torch
+
+    out = Path(out)
+    path = _state_path(out)
+    if not path.is_file():
+        raise ValueError(f"no resumable state at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = TrainConfig(**state["config"])
+    n_actions = int(state["model"]["actor.weight"].shape[0])
+    return write_checkpoint(cfg, out, state["model"], n_actions, int(state["iteration"]), float(state["seconds"]),
+                            list(state["finished"]), int(state["iteration"]), command)

@@ -49,18 +49,16 @@ class VLMConfig:
     """torch intra-op threads; 1 for small models (2 threads was 60× slower on 2-core boxes)."""
 
 
-class BackendOutput(Protocol):
+@dataclass
+class Forward:
+    """One forward pass of a backend over a batch of prompt sequences."""
+
     label_logits: np.ndarray
     """(n_sequences, n_labels) logits of the label tokens at the next position."""
     pooled: dict[str, np.ndarray]
     """pooling name → (n_sequences, n_layers_selected, dim) float32."""
-
-
-@dataclass
-class Forward:
-    label_logits: np.ndarray
-    pooled: dict[str, np.ndarray]
     timings_ms: dict[str, float]
+    """Stage name → milliseconds spent in it (tokenise, forward, pool …)."""
 
 
 class VLMBackend(Protocol):

@@ -79,10 +79,10 @@ def _worker(kind: str, agent_id: str, model: str, game: str, commands, results) 
 
     torch.set_num_threads(1)
     from services.agent import AgentService, AgentServiceConfig
-    from pipelines.closed_loop import AgentSpec, build_agent
+    from agents.spec import AgentSpec, build_agent
 
     try:
-        agent = Stamped(build_agent(AgentSpec(agent_id, kind, model=model, conditions=["action"]), game))
+        agent = Stamped(build_agent(AgentSpec(agent_id, kind, model=model, conditions=("action",), game=game)))
     except Exception as err:
         results.put((agent_id, {"error": f"{type(err).__name__}: {err}"}))
         return

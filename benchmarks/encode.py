@@ -50,7 +50,7 @@ def bench_predict(n_features: int, n_voxels: int, n_trs: int, rng, device: str =
     else:  # the floor on an accelerator: x already there, result copied back like ours
         import torch
 
-        x_t, coef_t = torch.as_tensor(x, device=device), core.predictor._coef_t
+        x_t, coef_t = torch.as_tensor(x, device=device), torch.as_tensor(w.coef, device=device)
 
         def bare():
             return (x_t @ coef_t).cpu().numpy()

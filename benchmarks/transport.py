@@ -159,7 +159,9 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
 
     Besides the floor the issue names (bare ALE), a second one publishes each screen with raw
     pyzmq to the same subscriber: the difference between the two is what moving 100 kB frames
-    costs on this machine, whoever does it.
+    costs on this machine, whoever does it. The emulator runs twice per round: as deployed (it
+    publishes ``pooled_gray``, the RL agents' observation: two ALE grayscale reads per step) and
+    with ``pooled_gray=False``.
     """
     from services.emulator import Emulator, EmulatorConfig
     from services.plumbing.game import GameEnv, GameSettings
@@ -169,8 +171,8 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
     raw_game = GameEnv(settings)
     raw_game.reset()
     per_round = seconds / rounds
-    totals = {"raw": [0, 0.0], "raw_pub": [0, 0.0], "ours": [0, 0.0]}
-    round_ratios: dict[str, list[float]] = {"ours": [], "raw_pub": [], "ours_vs_raw_pub": []}
+    totals = {"raw": [0, 0.0], "raw_pub": [0, 0.0], "ours": [0, 0.0], "ours_no_gray": [0, 0.0]}
+    round_ratios: dict[str, list[float]] = {"ours": [], "ours_no_gray": [], "raw_pub": [], "ours_vs_raw_pub": []}
     frames_ep = free_tcp_endpoint()  # bound by each round's emulator, from its config
     ctx = zmq.Context()
     raw_pub = make_socket(ctx, zmq.PUB)
@@ -182,11 +184,13 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             rates = {}
-            for kind in (("raw", "ours", "raw_pub") if r % 2 == 0 else ("raw_pub", "ours", "raw")):
-                if kind == "ours":
+            order = ("raw", "ours", "ours_no_gray", "raw_pub")
+            for kind in (order if r % 2 == 0 else order[::-1]):
+                if kind.startswith("ours"):
                     cfg = EmulatorConfig(game=settings, mode="realtime", fps=0, frames_endpoint=frames_ep,
                                          control_endpoint=free_tcp_endpoint(), duration_s=per_round,
-                                         record_path=f"{tmp}/bench-{r}.narec")
+                                         record_path=f"{tmp}/bench-{r}-{kind}.narec",
+                                         pooled_gray=kind == "ours")
                     summary = Emulator(cfg).run()  # its duration counts from the first frame (ROM load excluded)
                     n, dt = summary.steps, summary.duration_s
                 else:
@@ -195,6 +199,7 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
                 totals[kind][1] += dt
                 rates[kind] = n / dt
             round_ratios["ours"].append(rates["ours"] / rates["raw"])
+            round_ratios["ours_no_gray"].append(rates["ours_no_gray"] / rates["raw"])
             round_ratios["raw_pub"].append(rates["raw_pub"] / rates["raw"])
             round_ratios["ours_vs_raw_pub"].append(rates["ours"] / rates["raw_pub"])
     sub.terminate()
@@ -205,6 +210,7 @@ def publish_rate(game: str, seconds: float, rounds: int = 20) -> dict:
             "publish_ours_steps_per_s": rate["ours"], "publish_rounds": rounds,
             "publish_ratio": float(np.median(round_ratios["ours"])),
             "publish_ratio_pooled": rate["ours"] / rate["raw"],
+            "publish_no_pooled_gray_ratio": float(np.median(round_ratios["ours_no_gray"])),
             "publish_round_ratio_min": min(round_ratios["ours"]), "publish_round_ratio_max": max(round_ratios["ours"]),
             "publish_raw_pyzmq_ratio": float(np.median(round_ratios["raw_pub"])),
             "publish_vs_raw_pyzmq_ratio": float(np.median(round_ratios["ours_vs_raw_pub"]))}
@@ -232,6 +238,8 @@ def main(frames: int = 5000, publish_seconds: float = 6.0, game: str = "ALE/Pong
                   f"{result['rt_p99_ratio']:.3f}")
     table.add_row(f"publish rate {game} (steps/s)", f"{pr['publish_ours_steps_per_s']:.0f}",
                   f"{pr['publish_raw_steps_per_s']:.0f}", f"{result['publish_ratio']:.3f}")
+    table.add_row("  ours without pooled_gray (--no-pooled-gray)", "", "",
+                  f"{pr['publish_no_pooled_gray_ratio']:.3f}")
     table.add_row("  floor that also publishes (raw pyzmq)", f"{pr['publish_ours_steps_per_s']:.0f}",
                   f"{pr['publish_raw_pyzmq_steps_per_s']:.0f}", f"{result['publish_vs_raw_pyzmq_ratio']:.3f}")
     Console(stderr=True).print(table)

@@ -1,13 +1,18 @@
-"""Reading the inputs of a fit: BOLD runs (NIfTI / BIDS), masks, atlases, feature matrices."""
+"""Reading the inputs of a fit: BOLD runs (NIfTI / BIDS / fMRIPrep derivatives), masks, atlases, feature
+matrices, fMRIPrep confounds, and the cleaning of the BOLD before the ridge (:func:`clean_bold`)."""
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from encoders.weights import PreprocessRecord
 
 
 class FitInputError(ValueError):
@@ -50,6 +55,9 @@ class BoldRuns:
     affine: np.ndarray
     tr: float
     paths: list[Path]
+    mean_epi: np.ndarray | None = field(default=None, repr=False)
+    """(X, Y, Z) float32 mean over the runs' volumes (the whole grid, non-finite values as 0): the reference
+    volume of the fit's space."""
 
 
 def repetition_time(path: Path, img) -> float | None:
@@ -69,8 +77,10 @@ def repetition_time(path: Path, img) -> float | None:
     return float(zooms[3]) if len(zooms) > 3 and zooms[3] > 0 else None
 
 
-def load_bold(paths: list[str | Path], mask_path: str | Path | None = None, tr: float | None = None) -> BoldRuns:
-    """Load 4D runs, check they share a grid, apply a mask (default: voxels varying in every run).
+def load_bold(paths: list[str | Path], mask_path: str | Path | None = None, tr: float | None = None, *,
+              run_masks: list[str | Path] | None = None) -> BoldRuns:
+    """Load 4D runs, check they share a grid, apply a mask (default: the voxels inside every one of
+    ``run_masks`` — e.g. fMRIPrep's per-run brain masks — or, without them, the voxels varying in every run).
 
     Raises :class:`FitInputError` naming the file that is missing, unreadable or does not fit.
     """
@@ -88,6 +98,16 @@ def load_bold(paths: list[str | Path], mask_path: str | Path | None = None, tr: 
         if mimg.shape[:3] != imgs[0].shape[:3]:
             raise FitInputError(f"{mask_path}: mask grid {mimg.shape[:3]}, BOLD has {imgs[0].shape[:3]}")
         mask = _nifti_data(mask_path, mimg) > 0
+    elif run_masks:
+        mask = np.ones(imgs[0].shape[:3], dtype=bool)
+        for mp in map(Path, run_masks):
+            mimg = _load_nifti(mp, "brain mask")
+            if mimg.shape[:3] != imgs[0].shape[:3] or not np.allclose(mimg.affine, imgs[0].affine, atol=1e-3):
+                raise FitInputError(f"{mp}: brain mask on another grid than {paths[0]} "
+                                    f"({mimg.shape[:3]} vs {imgs[0].shape[:3]})")
+            m = _nifti_data(mp, mimg)
+            mask &= (m[..., 0] if m.ndim == 4 else m) > 0
+        mask_path = run_masks[0]
     else:
         mask = np.ones(imgs[0].shape[:3], dtype=bool)
         for d in datas:
@@ -102,7 +122,9 @@ def load_bold(paths: list[str | Path], mask_path: str | Path | None = None, tr: 
             raise FitInputError(f"cannot tell the TR of {paths[0]} (found {sorted(trs) or 'none'}); pass --tr")
         tr = trs.pop()
     runs = [d[mask].T.copy() for d in datas]
-    return BoldRuns(runs, mask, imgs[0].affine, float(tr), paths)
+    mean_epi = np.nan_to_num(np.mean([d.mean(axis=3, dtype=np.float64) for d in datas], axis=0),
+                             nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    return BoldRuns(runs, mask, imgs[0].affine, float(tr), paths, mean_epi)
 
 
 def load_atlas(atlas_path: str | Path, labels_path: str | Path | None, mask: np.ndarray, affine: np.ndarray
@@ -183,15 +205,370 @@ def bids_runs(root: str | Path, subject: str | None = None, task: str | None = N
     bold = sorted(p for p in root.glob(f"sub-{subject or '*'}/**/func/{pattern}") if "derivatives" not in p.parts)
     if not bold:
         raise FitInputError(f"{root}: no BOLD runs (pattern sub-*/**/func/{pattern})")
+    return bold, _pair_features(root, [(b.name.split("_bold")[0], b.parent.relative_to(root)) for b in bold])
+
+
+def _pair_features(root: Path, runs: list[tuple[str, Path]]) -> dict[str, list[Path]]:
+    """Feature files by space for runs given as (BIDS stem ``sub-01_task-x_run-1``, folder relative to the
+    dataset ``sub-01/func``): ``derivatives/features/<folder>/<stem>_desc-<space>_features.npy``."""
     spaces: dict[str, list[Path]] = {}
-    for b in bold:
-        stem = b.name.split("_bold")[0]
-        rel = b.parent.relative_to(root)
+    for stem, rel in runs:
         for f in sorted((root / "derivatives" / "features" / rel).glob(f"{stem}_desc-*_features.npy")):
             space = f.name.split("_desc-")[1].split("_features")[0]
             spaces.setdefault(space, []).append(f)
     for space, files in spaces.items():
-        if len(files) != len(bold):
+        if len(files) != len(runs):
             raise FitInputError(f"{root / 'derivatives' / 'features'}: feature space {space!r} has {len(files)} "
-                                f"files for {len(bold)} BOLD runs")
-    return bold, spaces
+                                f"files for {len(runs)} BOLD runs")
+    return spaces
+
+
+# --------------------------------------------------------------------------- fMRIPrep derivatives
+
+_SPACE_ENTITIES = ("space", "res", "den", "cohort", "desc")
+"""Entities of a derivative file name that the raw run (and its features and confounds) do not have."""
+
+
+def bids_entities(path: str | Path) -> tuple[dict[str, str], str]:
+    """(``{"sub": "01", "task": "x", …}``, suffix ``bold``) of a BIDS file name."""
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".tsv", ".json", ".npy"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    *pairs, suffix = name.split("_")
+    return dict(p.split("-", 1) for p in pairs if "-" in p), suffix
+
+
+def run_stem(path: str | Path) -> str:
+    """The raw run's stem of a derivative file: ``sub-01_task-x_run-1`` of
+    ``sub-01_task-x_run-1_space-MNI152NLin2009cAsym_desc-preproc_bold.nii.gz``."""
+    ents, _ = bids_entities(path)
+    return "_".join(f"{k}-{v}" for k, v in ents.items() if k not in _SPACE_ENTITIES)
+
+
+def confounds_file(bold: str | Path) -> Path:
+    """fMRIPrep's confounds table of a ``*_desc-preproc_bold`` run: ``<stem>_desc-confounds_timeseries.tsv``."""
+    bold = Path(bold)
+    return bold.parent / f"{run_stem(bold)}_desc-confounds_timeseries.tsv"
+
+
+def is_fmriprep_bold(path: str | Path) -> bool:
+    """A file named as fMRIPrep's preprocessed BOLD (``*_desc-preproc_bold.nii[.gz]``)."""
+    ents, suffix = bids_entities(path)
+    return suffix == "bold" and ents.get("desc") == "preproc"
+
+
+@dataclass
+class FmriprepRuns:
+    """Preprocessed runs of one fMRIPrep derivatives folder, their brain masks and feature files."""
+
+    bold: list[Path]
+    """``*_desc-preproc_bold.nii.gz`` per run, sorted by name."""
+    masks: list[Path]
+    """``*_desc-brain_mask.nii.gz`` of each run (same entities)."""
+    spaces: dict[str, list[Path]]
+    """Feature files by space, one per run, from ``<bids>/derivatives/features``."""
+    space: str
+    """The output space of the runs (``space-`` entity; '' = none in the names)."""
+
+
+def fmriprep_runs(bids: str | Path, derivatives: str | Path, subject: str | None = None, task: str | None = None,
+                  session: str | None = None, space: str | None = None) -> FmriprepRuns:
+    """fMRIPrep's ``*_desc-preproc_bold.nii[.gz]`` runs under ``derivatives`` selected by BIDS entities (sub,
+    ses, task, space; runs are what the file names say), each with its ``*_desc-brain_mask`` and the feature
+    files of its raw run in ``<bids>/derivatives/features`` (paired as :func:`bids_runs` pairs them). With
+    several output spaces and no ``space``, the choice is refused with the spaces found."""
+    bids, deriv = Path(bids), Path(derivatives)
+    if not deriv.is_dir():
+        raise FitInputError(f"--derivatives {deriv}: no such fMRIPrep derivatives folder")
+    want = {"sub": subject, "ses": session, "task": task, "space": space}
+    found: list[tuple[Path, dict[str, str]]] = []
+    for p in sorted(deriv.glob(f"sub-{subject or '*'}/**/func/*_desc-preproc_bold.nii*")):
+        ents, suffix = bids_entities(p)
+        if suffix == "bold" and all(v is None or ents.get(k) == v for k, v in want.items()):
+            found.append((p, ents))
+    if not found:
+        filters = ", ".join(f"{k}-{v}" for k, v in want.items() if v) or "none"
+        raise FitInputError(f"--derivatives {deriv}: no fMRIPrep runs (sub-*/**/func/*_desc-preproc_bold.nii*, "
+                            f"entities {filters})")
+    spaces_found = sorted({e.get("space", "") for _, e in found})
+    if len(spaces_found) > 1:
+        raise FitInputError(f"--derivatives {deriv}: runs in several output spaces {spaces_found}; "
+                            "choose one with --output-space")
+    bold = [p for p, _ in found]
+    stems = [run_stem(p) for p in bold]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise FitInputError(f"--derivatives {deriv}: several preprocessed files for run(s) {dup} (e.g. res-/den- "
+                            "variants); keep one per run")
+    masks = []
+    for p in bold:
+        m = p.with_name(p.name.replace("_desc-preproc_bold.nii", "_desc-brain_mask.nii"))
+        if not m.is_file():
+            raise FitInputError(f"{m}: no such brain mask (fMRIPrep writes one beside {p.name}); or pass --mask")
+        masks.append(m)
+    spaces = _pair_features(bids, [(s, p.parent.relative_to(deriv)) for s, p in zip(stems, bold)])
+    if not spaces:
+        raise FitInputError(f"{bids / 'derivatives' / 'features'}: no feature files for the runs "
+                            f"({stems[0]}_desc-<space>_features.npy, …)")
+    return FmriprepRuns(bold, masks, spaces, spaces_found[0])
+
+
+# ------------------------------------------------------------------------------ confound sets
+
+N_COMPCOR = 5
+"""aCompCor components of the ``acompcor`` set: the top 5 of the combined WM+CSF mask (Behzadi et al. 2007)."""
+
+CONFOUND_SETS: dict[str, dict] = {
+    "motion6": {"strategy": ("motion",), "motion": "basic"},
+    "motion12": {"strategy": ("motion",), "motion": "derivatives"},
+    "motion24": {"strategy": ("motion",), "motion": "full"},
+    "wm_csf": {"strategy": ("wm_csf",), "wm_csf": "basic"},
+    "global_signal": {"strategy": ("global_signal",), "global_signal": "basic"},
+    "acompcor": {"strategy": ("high_pass", "compcor"), "compcor": "anat_combined", "n_compcor": N_COMPCOR},
+    "cosine": {"strategy": ("high_pass",)},
+}
+"""Named confound sets → ``nilearn.interfaces.fmriprep.load_confounds`` arguments. motion6: trans_x … rot_z;
+motion12: + their ``_derivative1``; motion24: + the ``_power2`` of both (Friston 24); wm_csf, global_signal:
+the mean signals; acompcor: ``a_comp_cor_*`` (top :data:`N_COMPCOR` of the combined mask, from the JSON
+sidecar); cosine: fMRIPrep's ``cosineXX`` columns (otherwise the drift basis is ours, at ``high_pass_hz``)."""
+
+_MOTION = ("trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z")
+_SUFFIXES = {"basic": ("",), "derivatives": ("", "_derivative1"), "power2": ("", "_power2"),
+             "full": ("", "_derivative1", "_power2", "_derivative1_power2")}
+_CORE_MOTION = ("motion6", "motion12")
+"""Sets the live core computes itself from its realignment: the only ones a causal fit can use."""
+_MOTION_FAMILIES = {"motion6": ("motion",), "motion12": ("motion", "motion_derivatives"),
+                    "motion24": ("motion", "motion_derivatives")}
+"""``PreprocessConfig`` families of the motion sets (motion24's squares have no family: the record's
+``confounds`` and ``columns`` say they were regressed)."""
+
+
+def parse_confound_sets(values: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """``["motion24,acompcor"]`` / ``"motion24+acompcor"`` → ``("motion24", "acompcor")``; ``none`` → ();
+    None or ``auto`` → None (motion6 for fMRIPrep runs, none otherwise). Unknown names raise
+    :class:`FitInputError` naming ``--confounds``."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    names = [n.strip() for v in values for n in v.replace("+", ",").split(",") if n.strip()]
+    if names == ["auto"]:
+        return None
+    if names == ["none"]:
+        return ()
+    bad = [n for n in names if n not in CONFOUND_SETS]
+    if bad:
+        raise FitInputError(f"--confounds {','.join(bad)}: unknown confound set; choose among "
+                            f"{', '.join(CONFOUND_SETS)} (combine with commas), none or auto")
+    if sum(n.startswith("motion") for n in names) > 1:
+        raise FitInputError(f"--confounds {','.join(names)}: give one of motion6, motion12, motion24")
+    return tuple(dict.fromkeys(names))
+
+
+def load_confounds_args(sets: tuple[str, ...]) -> dict:
+    """The ``load_confounds`` keyword arguments of the named sets together (JSON-able, recorded in weights)."""
+    args: dict = {"strategy": []}
+    for name in sets:
+        spec = CONFOUND_SETS[name]
+        args["strategy"] += [s for s in spec["strategy"] if s not in args["strategy"]]
+        args.update({k: v for k, v in spec.items() if k != "strategy"})
+    args["demean"] = True
+    return args
+
+
+def _required_columns(tsv: Path, header: list[str], args: dict) -> list[str]:
+    """Columns the sets need that ``tsv`` lacks (nilearn's suffix rules); an acompcor set without its JSON
+    sidecar, or without combined-mask components in it, raises."""
+    need: list[str] = []
+    strategy = args["strategy"]
+    if "motion" in strategy:
+        need += [m + s for s in _SUFFIXES[args["motion"]] for m in _MOTION]
+    for comp in ("wm_csf", "global_signal"):
+        if comp in strategy:
+            base = ("csf", "white_matter") if comp == "wm_csf" else ("global_signal",)
+            need += [b + s for s in _SUFFIXES[args[comp]] for b in base]
+    if "compcor" in strategy:
+        side = tsv.with_suffix(".json")
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError) as e:
+            raise FitInputError(f"{side}: the confounds' JSON sidecar is needed for acompcor (which a_comp_cor_* "
+                                f"columns belong to the combined mask) ({_one_line(e)})") from None
+        comps = [k for k, v in meta.items() if k.startswith("a_comp_cor_") and isinstance(v, dict)
+                 and v.get("Mask") == "combined"]
+        if not comps:
+            raise FitInputError(f"{side}: no a_comp_cor_* component with Mask 'combined' (needed by acompcor)")
+        need += sorted(comps)[: args.get("n_compcor", N_COMPCOR)]
+    missing = [c for c in need if c not in header]
+    if "high_pass" in strategy and "compcor" not in strategy and not any(c.startswith("cosine") for c in header):
+        missing.append("cosineXX")
+    return missing
+
+
+@dataclass
+class RunConfounds:
+    """The confounds of one run, as regressed."""
+
+    names: list[str]
+    """Column names (nilearn's selection; without fMRIPrep's cosines unless the cosine set was asked for)."""
+    values: np.ndarray
+    """(T, C) float64, demeaned, the first row's n/a filled by nilearn."""
+    excluded: np.ndarray
+    """Indices of the volumes outside nilearn's sample mask (fMRIPrep's non-steady-state volumes)."""
+
+
+def load_run_confounds(bold: str | Path, n_volumes: int, sets: tuple[str, ...], demean: bool = True) -> RunConfounds:
+    """The named confound ``sets`` of a fMRIPrep run through ``nilearn.interfaces.fmriprep.load_confounds``.
+    A missing table, missing columns, a row count other than the run's or non-finite values raise
+    :class:`FitInputError` naming the file (and the columns)."""
+    import warnings
+
+    from nilearn.interfaces.fmriprep import load_confounds
+
+    bold = Path(bold)
+    tsv = confounds_file(bold)
+    sets_txt = ",".join(sets)
+    if not tsv.is_file():
+        raise FitInputError(f"{tsv}: no such fMRIPrep confounds file (--confounds {sets_txt} reads it beside "
+                            f"{bold.name}; --confounds none fits without)")
+    try:
+        with open(tsv, newline="") as f:
+            header = f.readline().rstrip("\r\n").split("\t")
+    except (OSError, UnicodeDecodeError) as e:
+        raise FitInputError(f"{tsv}: unreadable confounds table ({_one_line(e)})") from None
+    args = load_confounds_args(sets) | {"demean": demean}
+    missing = _required_columns(tsv, header, args)
+    if missing:
+        raise FitInputError(f"{tsv}: missing column(s) {', '.join(missing)} (needed by --confounds {sets_txt})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            df, sample_mask = load_confounds(str(bold), **args)
+    except Exception as e:  # nilearn raises ValueError (missing columns, file not found, old format), pandas its own
+        raise FitInputError(f"{tsv}: nilearn's load_confounds cannot use it ({_one_line(e)})") from None
+    if "cosine" not in sets:  # acompcor pulls fMRIPrep's cosines in; the drift basis is ours (high_pass_hz)
+        df = df[[c for c in df.columns if not c.startswith("cosine")]]
+    values = df.to_numpy(np.float64)
+    if len(values) != n_volumes:
+        raise FitInputError(f"{tsv}: {len(values)} rows, but {bold} has {n_volumes} volumes (one row per volume)")
+    bad = [c for c, ok in zip(df.columns, np.isfinite(values).all(0)) if not ok]
+    if bad:
+        raise FitInputError(f"{tsv}: non-finite values (n/a past the first row) in column(s) {', '.join(bad)}")
+    kept = np.arange(n_volumes) if sample_mask is None else np.asarray(sample_mask, int)
+    return RunConfounds(list(df.columns), values, np.setdiff1d(np.arange(n_volumes), kept))
+
+
+# ------------------------------------------------------------------------------ cleaning before the fit
+
+
+@dataclass(frozen=True)
+class FitPreprocess:
+    """How BOLD is cleaned before the ridge (recorded in the weights as a ``PreprocessRecord``)."""
+
+    mode: str = "offline"
+    """``none``: per-run z-score only (the fit's own, as before); ``offline``: whole-run regression of the
+    constant, the cosine drift (``high_pass_hz``) and the confounds, then z-score (``nilearn.signal.clean``;
+    equal to the core's ``clean_series(causal=False)`` on the same regressors); ``causal``: the live core's
+    causal GLM and running standardisation (``clean_series(causal=True)``), the warm-up volumes set to 0."""
+    confounds: tuple[str, ...] | None = None
+    """Named sets of fMRIPrep confounds (:data:`CONFOUND_SETS`); () = none; None = auto: motion6 for fMRIPrep
+    ``*_desc-preproc_bold`` runs (the core's default motion regressors), none otherwise."""
+    high_pass_hz: float = 1 / 128
+    """Cut-off of the cosine drift basis, Hz (SPM's and fMRIPrep's 128 s); 0 = no drift regressors."""
+
+    def __post_init__(self):
+        from encoders.weights import PREPROCESS_MODES
+
+        if self.mode not in PREPROCESS_MODES:
+            raise FitInputError(f"--preprocess {self.mode}: choose one of {', '.join(PREPROCESS_MODES)}")
+        if not (np.isfinite(self.high_pass_hz) and self.high_pass_hz >= 0):
+            raise FitInputError(f"--high-pass {self.high_pass_hz}: must be ≥ 0 Hz")
+        if self.confounds is not None:
+            parse_confound_sets(list(self.confounds) or "none")  # names them if unknown or two motion sets
+
+
+def clean_bold(bold: BoldRuns, cfg: FitPreprocess) -> tuple[list[np.ndarray], PreprocessRecord]:
+    """The runs of ``bold`` cleaned as ``cfg`` says, and the ``encoders.weights.PreprocessRecord`` of it:
+    ``(runs, record)``; the runs are new float32 arrays (mode ``none``: the same ones)."""
+    from encoders.preprocess import PreprocessConfig, clean_series
+    from encoders.weights import PreprocessRecord
+
+    fmriprep = all(is_fmriprep_bold(p) for p in bold.paths)
+    source = "fmriprep" if fmriprep else "bold"
+    if cfg.mode == "none":
+        return bold.runs, PreprocessRecord(mode="none", source=source)
+    sets = cfg.confounds if cfg.confounds is not None else (("motion6",) if fmriprep else ())
+    if sets and not fmriprep:
+        raise FitInputError(f"--confounds {','.join(sets)}: needs fMRIPrep runs (*_desc-preproc_bold.nii.gz with "
+                            f"their _desc-confounds_timeseries.tsv), not {bold.paths[0].name}; use --confounds none")
+    if cfg.mode == "causal" and set(sets) - set(_CORE_MOTION):
+        raise FitInputError(f"--preprocess causal --confounds {','.join(sets)}: a causal fit regresses what the live "
+                            "core computes itself, motion6 or motion12 (or none); use --preprocess offline")
+    families = ["constant"] + (["drift"] if cfg.high_pass_hz > 0 else [])
+    families += [f for name in sets for f in _MOTION_FAMILIES.get(name, ())]
+    config = PreprocessConfig(motion_correction=fmriprep, high_pass_hz=cfg.high_pass_hz, confounds=tuple(families),
+                              standardize=True)
+    causal = cfg.mode == "causal"
+    read = ("motion6",) if causal and sets else sets  # causal: the parameters; the core differentiates them
+    record = PreprocessRecord(mode=cfg.mode, config=config.to_dict(), confounds=list(sets), source=source,
+                              load_confounds=load_confounds_args(read) | {"demean": not causal} if read else {})
+    runs = []
+    for path, y in zip(bold.paths, bold.runs):
+        n = len(y)
+        conf = None
+        if sets:
+            conf = load_run_confounds(path, n, read, demean=not causal)
+            record.columns.append(conf.names)
+            record.excluded.append(conf.excluded.tolist())
+        if cfg.mode == "offline":
+            runs.append(_clean_offline(path, y, conf, cfg.high_pass_hz, bold.tr))
+            continue
+        include = np.ones(n, bool)
+        motion = None
+        if conf is not None:
+            include[conf.excluded] = False
+            motion = conf.values[:, [conf.names.index(m) for m in _MOTION]]
+        try:
+            cleaned = clean_series(y, np.arange(n) * bold.tr, motion, include, config, causal=True)
+        except FitInputError as e:
+            raise FitInputError(f"{path}: {e}") from None
+        early = np.arange(n) < config.warmup_trs
+        zero = early | ~cleaned.determined | (cleaned.n_std < 2) | ~include
+        out = cleaned.data.astype(np.float32)
+        out[zero] = 0
+        runs.append(out)
+        record.zeroed.append(np.flatnonzero(zero).tolist())
+    return runs, record
+
+
+def _clean_offline(path: Path, y: np.ndarray, conf: RunConfounds | None, high_pass_hz: float, tr: float
+                   ) -> np.ndarray:
+    """Whole-run regression of the constant, the cosine drift (the core's ``cosine_drift``: nilearn's DCT at
+    ``high_pass_hz``) and the confounds (plus one indicator column per excluded volume, which keeps it out of
+    the fit and zeroes its residual), then z-score: ``nilearn.signal.clean``, (T, V) float32. The drift goes in
+    as confounds, not ``filter="cosine"``: that filter drops its cosines whenever a confound correlates > 0.9
+    with one (a slow motion parameter often does)."""
+    import warnings
+
+    from nilearn.signal import clean
+
+    from encoders.preprocess import cosine_drift
+
+    n = len(y)
+    blocks = [cosine_drift(np.arange(n) * tr, high_pass_hz)]
+    if conf is not None:
+        onehot = np.zeros((n, len(conf.excluded)))
+        onehot[conf.excluded, np.arange(len(conf.excluded))] = 1
+        blocks += [conf.values, onehot]
+    regressors = np.hstack(blocks) if blocks else np.zeros((n, 0))
+    if regressors.shape[1] + 2 > n:  # + the constant, and one degree of freedom left for the z-score
+        raise FitInputError(f"{path}: {n} volumes cannot take {regressors.shape[1]} confound regressors + a constant "
+                            "(fewer --confounds, or a lower --high-pass)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = clean(np.asarray(y, np.float64), detrend=False, standardize="zscore_sample",
+                    confounds=regressors if regressors.shape[1] else None, standardize_confounds=True,
+                    filter=False, t_r=tr)
+    return out.astype(np.float32)

@@ -31,7 +31,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from encoders.data import FitInputError
-from encoders.weights import EncodingWeights, FeatureSpace, delay_run
+from encoders.score import pearson_r
+from encoders.weights import EncodingWeights, FeatureSpace, PreprocessRecord, delay_run
 
 CONTIGUOUS_FOLDS = 5
 """Alpha-selection folds when there are too few runs for leave-one-run-out (see :func:`loro_splits`)."""
@@ -75,7 +76,9 @@ class FitResult:
 
     weights: EncodingWeights
     cv_r: np.ndarray | None = None
-    """(V,) Pearson r of the concatenated LORO held-out predictions."""
+    """(V,) Pearson r of the concatenated LORO held-out predictions (0 where undefined, see cv_r_undefined)."""
+    cv_r_undefined: np.ndarray | None = None
+    """(V,) bool: r undefined (``encoders.score.pearson_r``: constant held-out BOLD or prediction)."""
     cv_r2: np.ndarray | None = None
     """(V,) R² of the same predictions."""
     cv_pred: np.ndarray | None = None
@@ -208,14 +211,6 @@ def solve_ridge(X: np.ndarray, Y: np.ndarray, cv: list, groups: np.ndarray, cfg:
 
 
 # --- scores --------------------------------------------------------------------------------
-
-
-def pearson_r(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Column-wise Pearson r of two (T, V) arrays (0 where either column is constant)."""
-    y = y - y.mean(0)
-    p = pred - pred.mean(0)
-    den = np.sqrt((y * y).sum(0) * (p * p).sum(0))
-    return np.where(den > 0, (y * p).sum(0) / np.where(den > 0, den, 1), 0.0).astype(np.float32)
 
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -361,11 +356,15 @@ def fit_encoding(
     roi_names: dict[int, str] | None = None,
     atlas: str = "",
     extra_provenance: dict | None = None,
+    preprocessing: PreprocessRecord | None = None,
+    reference: np.ndarray | None = None,
 ) -> FitResult:
     """Fit one encoding model on runs of masked BOLD (T_i, V) and raw features {space: [(T_i, d)]}.
 
     Several spaces are fitted jointly with banded ridge. ``provenance`` maps a space name to its
-    model/layer/condition/pooling, checked later against incoming activations.
+    model/layer/condition/pooling, checked later against incoming activations. ``preprocessing`` records
+    how ``bold_runs`` were cleaned (None = not at all: mode ``none``) and ``reference`` is the (X, Y, Z) mean
+    EPI on the fit grid; both go into the weights.
     """
     n_runs = len(bold_runs)
     spaces, designs, groups, ys = prepare_design(bold_runs, feature_runs, cfg, provenance)
@@ -385,7 +384,13 @@ def fit_encoding(
             pred = cv_predict(designs, ys, groups, cfg, backend, on_fold=lambda: progress.advance(task))
             y = concat_runs(ys)
             result.cv_pred, result.y = pred.astype(np.float32), y
-            result.cv_r, result.cv_r2 = pearson_r(y, pred), r2_score(y, pred)
+            r = pearson_r(y, pred)
+            # cv_r is a voxel map: stored in the weights file, written as a NIfTI map and averaged by callers
+            # (pipelines/batch.py). A voxel whose r is undefined (NaN: its held-out BOLD or prediction is
+            # constant, e.g. outside the brain) is stored there as 0, as before, and marked in cv_r_undefined
+            # so that ROI summaries can leave it out and count it (encoders.score's rule).
+            result.cv_r_undefined = np.isnan(r)
+            result.cv_r, result.cv_r2 = np.nan_to_num(r).astype(np.float32), r2_score(y, pred)
         coef, alphas = solve_ridge(np.concatenate(designs), concat_runs(ys), loro_splits(lengths), groups, cfg, backend)
         progress.advance(task)
     if scoring and cfg.n_permutations > 0:
@@ -407,6 +412,8 @@ def fit_encoding(
             "zscore": "per run (fit); pooled train stats (apply)", "warnings": list(result.warnings),
             **(extra_provenance or {}),
         },
+        preprocessing=preprocessing if preprocessing is not None else PreprocessRecord(),
+        reference=None if reference is None else np.asarray(reference, np.float32),
     )
     return result
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from encoders.score import pearson_r
 from encoders.weights import delay_run
 
 NULL_BLOCK = 5
@@ -139,7 +140,7 @@ def condition_overlap(a: list[np.ndarray], b: list[np.ndarray], k: int) -> Condi
     za = np.concatenate([(x - x.mean(0)) / (x.std(0) + 1e-12) for x in a])
     zb = np.concatenate([(x - x.mean(0)) / (x.std(0) + 1e-12) for x in b])
     varies = (za.std(0) > 1e-6) & (zb.std(0) > 1e-6)  # a unit constant over time carries nothing
-    r = (za[:, varies] * zb[:, varies]).mean(0) / (za[:, varies].std(0) * zb[:, varies].std(0))
+    r = pearson_r(za[:, varies], zb[:, varies])
     pairs = canonical_pairs(pca_scores(a, k), pca_scores(b, k))
     return ConditionOverlap([float(c) for c in pairs.c], float(r.mean()) if r.size else float("nan"), k)
 
@@ -241,7 +242,7 @@ def plant(features_a: list[np.ndarray], features_b: list[np.ndarray], labels: np
     fraction times a per-voxel jitter in [0.9, 1]; noise shares ``coherence`` of its variance
     with the voxel's ROI (as physiological noise does) and fills each voxel up to unit variance.
     """
-    from encoders.synth import _corr, double_gamma_hrf
+    from encoders.synth import double_gamma_hrf
 
     rng = np.random.default_rng(seed)
     pairs = canonical_pairs(pca_scores(features_a, pca), pca_scores(features_b, pca))
@@ -258,21 +259,29 @@ def plant(features_a: list[np.ndarray], features_b: list[np.ndarray], labels: np
     rho = per_label[labels] * rng.uniform(0.9, 1.0, size=(len(labels), 1))  # (V, 3)
     n_runs = len(features_a)
     parts = [np.zeros((len(PARTS), len(f), len(labels))) for f in features_a]  # per run (3, T_i, V)
+    courses = []  # per part: its time course over all runs (T_all,)
     for g, src in enumerate(sources):
         # one time course per part, a random sign per ROI, the same in all its voxels (a regional response)
         conv = [delay_run(x[:, None], delays) @ hrf for x in src]
+        courses.append(np.concatenate(conv))
         sd = np.concatenate(conv).std() or 1.0
         amp = np.sqrt(rho[:, g]) * rng.choice([-1.0, 1.0], size=labels.max() + 1)[labels]
         for r in range(n_runs):
             parts[r][g] = (conv[r] / sd)[:, None] * amp[None, :]
-    y = []
-    for r in range(n_runs):
-        signal = parts[r].sum(0)
-        t = len(signal)
-        roi_noise = rng.standard_normal((t, labels.max() + 1))[:, labels]
-        voxel_noise = rng.standard_normal((t, len(labels)))
-        nz = np.sqrt(coherence) * roi_noise + np.sqrt(1 - coherence) * voxel_noise
-        y.append(signal + noise * nz * np.sqrt(np.clip(1 - rho.sum(1), 0.05, None)))
+    # Noise is made exactly orthogonal to the planted time courses (and a constant) over all runs and
+    # scaled to fill each voxel up to unit variance from its measured signal variance: the realised
+    # fractions then equal the planted ones up to the per-voxel jitter, whatever the game's features
+    # (a single regional noise series of a few hundred TRs otherwise shifts them by ±0.1 at random).
+    lengths = [len(f) for f in features_a]
+    signal = np.concatenate([p.sum(0) for p in parts])  # (T_all, V)
+    fill = np.sqrt(np.clip(1 - signal.var(0), 0.05, None))
+    roi_noise = rng.standard_normal((len(signal), labels.max() + 1))[:, labels]
+    voxel_noise = rng.standard_normal(signal.shape)
+    nz = np.sqrt(coherence) * roi_noise + np.sqrt(1 - coherence) * voxel_noise
+    q, _ = np.linalg.qr(np.column_stack([np.ones(len(signal)), *courses]))
+    nz -= q @ (q.T @ nz)
+    nz /= nz.std(0)
+    y = np.split(signal + noise * nz * fill, np.cumsum(lengths)[:-1])
     Y = np.concatenate(y)
     realised = np.concatenate(parts, axis=1).var(1) / Y.var(0)  # (3, V)
 
@@ -286,7 +295,9 @@ def plant(features_a: list[np.ndarray], features_b: list[np.ndarray], labels: np
 
         def ideal(g: int) -> float:  # a perfect model of a condition predicts its unique part + the shared one
             s = part_means[g] + part_means[2]
-            return float(np.corrcoef(s, ym)[0, 1]) if np.std(s) > 0 else 0.0
+            # nothing planted for this condition here: s is constant and r undefined (NaN); the pattern records
+            # 0, the score a model of nothing reaches, so planted.json stays finite (and the demo's answers too)
+            return float(np.nan_to_num(pearson_r(ym[:, None], s[:, None])[0]))
 
         design = rho[idx].mean(0) if name not in plan else \
             (plan[name].unique_action, plan[name].unique_reasoning, plan[name].shared)
@@ -296,8 +307,7 @@ def plant(features_a: list[np.ndarray], features_b: list[np.ndarray], labels: np
     overlap = condition_overlap(features_a, features_b, pca)
     pattern_out = PlantedPattern(planted_rois, overlap, shared_pair, unique_pair, held_out_run=n_runs)
     S = np.concatenate([p.sum(0) for p in parts])
-    with np.errstate(invalid="ignore", divide="ignore"):  # voxels with no planted signal: r = 0
-        true_r = np.nan_to_num(_corr(S, Y))
+    true_r = np.nan_to_num(pearson_r(S, Y))  # voxels with no planted signal: r undefined, recorded as 0
     truth = {"true_r": true_r, **dict(zip(PARTS, realised)),
              "rho_unique_action": rho[:, 0], "rho_unique_reasoning": rho[:, 1], "rho_shared": rho[:, 2],
              "roi_labels": labels.astype(np.int32), "hrf": hrf, "canonical_correlations": pairs.c}

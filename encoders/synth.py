@@ -15,6 +15,9 @@ Generative model (per run, all runs independent):
 
 Truth saved beside the data (``derivatives/truth/truth.npz``, no pickle): true r per voxel
 (corr of the noiseless signal with the BOLD), the realised unique/shared variances, weights.
+
+``planted_session`` makes the same kind of session with BOLD planted on two *given* feature spaces
+(an agent's action- and reasoning-prompt features; ``encoders.plant.plant``) instead of latents.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from encoders.score import pearson_r
 from encoders.weights import delay_run
+
+if TYPE_CHECKING:
+    from encoders.plant import PlantedPattern
 
 # name → (MNI seed coordinates in mm, planted (ρ_action_unique, ρ_reasoning_unique, ρ_shared))
 ROIS: dict[str, tuple[list[tuple[float, float, float]], tuple[float, float, float]]] = {
@@ -200,7 +207,7 @@ def generate(cfg: SynthConfig) -> SynthSession:
     S = np.concatenate(signal_all[: cfg.n_runs])
     var_y = Y.var(0)
     truth = {
-        "true_r": _corr(S, Y),
+        "true_r": pearson_r(S, Y),
         "unique_action": np.concatenate([p["a"] for p in parts_all[: cfg.n_runs]]).var(0) / var_y,
         "unique_reasoning": np.concatenate([p["b"] for p in parts_all[: cfg.n_runs]]).var(0) / var_y,
         "shared": np.concatenate([p["c"] for p in parts_all[: cfg.n_runs]]).var(0) / var_y,
@@ -214,10 +221,52 @@ def generate(cfg: SynthConfig) -> SynthSession:
     return SynthSession(cfg, mask, affine, atlas, roi_names, bold, feats, truth)
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+@dataclass
+class PlantedSessionConfig:
+    """Options of a session whose BOLD is planted on two given feature spaces (``planted_session``)."""
+
+    tr: float = 2.0
+    """Repetition time, seconds."""
+    voxel_mm: float = 10.0
+    """Isotropic voxel size of the coarse MNI brain grid."""
+    pca: int = 6
+    """Principal components of each space the parts are planted on (``encoders.plant.plant``)."""
+    coherence: float = 0.8
+    """Share of a voxel's planted noise common to its ROI (the planted parts are wholly regional)."""
+    noise: float = 1.0
+    """Scale of the unexplained part of the BOLD (1 = as ``generate``)."""
+    seed: int = 0
+    """Seed of the planting (``seed``) and of the voxel baselines (``seed + 1``)."""
+    subject: str = "01"
+    task: str = "game"
+    model: str = "planted on agent features"
+    """Provenance written in the feature sidecars (model name)."""
+
+
+def planted_session(features_a: list[np.ndarray], features_b: list[np.ndarray],
+                    cfg: PlantedSessionConfig | None = None) -> tuple[SynthSession, PlantedPattern]:
+    """A session whose BOLD is planted on two real feature spaces (A = action, B = reasoning), and its truth.
+
+    ``features_a`` / ``features_b``: per run (T_i, d) rows of the same TRs. Per ROI of the brain grid's
+    atlas, a unique-A, a unique-B and a shared part with the fractions of ``encoders.plant.PLANT``
+    (``encoders.plant.plant``); the BOLD is ``baseline + 10 · planted`` around a per-voxel baseline as in
+    ``generate``. Returns (SynthSession, encoders.plant.PlantedPattern); deterministic given ``cfg.seed``.
+    """
+    from encoders.plant import plant
+
+    cfg = cfg or PlantedSessionConfig()
+    scfg = SynthConfig(n_runs=len(features_a), n_trs=len(features_a[0]), tr=cfg.tr, voxel_mm=cfg.voxel_mm,
+                       seed=cfg.seed, subject=cfg.subject, task=cfg.task, model=cfg.model,
+                       space_dim=features_a[0].shape[1])
+    mask, affine = brain_grid(cfg.voxel_mm)
+    atlas, roi_names = roi_atlas(mask, affine)
+    planted = plant(features_a, features_b, atlas[mask], roi_names, pca=cfg.pca, delays=scfg.delays, tr=cfg.tr,
+                    coherence=cfg.coherence, noise=cfg.noise, seed=cfg.seed)
+    baseline = np.random.default_rng(cfg.seed + 1).uniform(500, 1500, size=int(mask.sum()))
+    bold = [(baseline + 10.0 * y).astype(np.float32) for y in planted.y]
+    feats = {"action": [np.asarray(f, np.float32) for f in features_a],
+             "reasoning": [np.asarray(f, np.float32) for f in features_b]}
+    return SynthSession(scfg, mask, affine, atlas, roi_names, bold, feats, planted.truth), planted.pattern
 
 
 def trigger_times_ns(n_trs: int, tr: float, start_ns: int = 0) -> np.ndarray:

@@ -6,7 +6,11 @@ Everything needed to turn raw per-TR feature rows into predicted BOLD lives in t
   z-scoring means/stds, and the optional PCA basis;
 * the FIR delays (in TRs), the float32 primal coefficients and the per-voxel ridge alphas;
 * the voxel mask, affine and grid shape of the BOLD used for the fit, the ROI label of every
-  masked voxel plus the atlas' label names, and the cross-validated r / R² per voxel.
+  masked voxel plus the atlas' label names, and the cross-validated r / R² per voxel;
+* how that BOLD was preprocessed before the fit (:class:`PreprocessRecord`: the mode, the
+  :class:`encoders.preprocess.PreprocessConfig` as a flat dict, the confound sets and the columns
+  regressed) and, optionally, the mean EPI of the fit's runs on the fit grid (``reference``), so
+  that live BOLD can be preprocessed the same way and aligned to the weights' space.
 
 Column order of ``coef`` rows: feature space by feature space; inside a space, delay by delay
 (delay-major, like himalaya's ``Delayer``); inside a delay, the transformed feature dims.
@@ -20,11 +24,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from encoders.preprocess import PreprocessConfig
+
 FORMAT = "neuroarcade-encoding-weights"
 FORMAT_VERSION = 1
+PREPROCESS_MODES = ("none", "offline", "causal")
+"""How the fit's BOLD was cleaned: ``none`` per-run z-score only (what weights without a record mean),
+``offline`` whole-run confound regression (cosine drift + confounds) + z-score, ``causal`` the live core's
+causal GLM (each volume on the volumes up to it) + running standardisation."""
 
 
 class WeightsError(ValueError):
@@ -96,6 +108,49 @@ class FeatureSpace:
 
 
 @dataclass
+class PreprocessRecord:
+    """How the BOLD the weights were fitted on was preprocessed (metadata key ``preprocess``). A file
+    written before this record existed loads as ``PreprocessRecord()``: mode ``none``."""
+
+    mode: str = "none"
+    """One of :data:`PREPROCESS_MODES`."""
+    config: dict | None = None
+    """``encoders.preprocess.PreprocessConfig.to_dict()`` of the cleaning (None with mode ``none``): the
+    core's families (constant, drift at ``high_pass_hz``, motion, motion_derivatives) as applied."""
+    confounds: list[str] = field(default_factory=list)
+    """Named confound sets read from fMRIPrep confounds files (e.g. ``motion24``, ``acompcor``); [] = none."""
+    load_confounds: dict = field(default_factory=dict)
+    """Arguments given to ``nilearn.interfaces.fmriprep.load_confounds`` for ``confounds`` ({} = not used)."""
+    columns: list[list[str]] = field(default_factory=list)
+    """Per run, the confound columns regressed out besides the core's own drift basis."""
+    source: str = ""
+    """What the BOLD was: ``fmriprep`` (``*_desc-preproc_bold``, realigned by fMRIPrep) or ``bold`` (as given)."""
+    excluded: list[list[int]] = field(default_factory=list)
+    """Per run, the indices of the volumes kept out of the confound fit (fMRIPrep's non-steady-state ones)."""
+    zeroed: list[list[int]] = field(default_factory=list)
+    """Per run, the indices of the volumes set to 0 before the ridge (mode ``causal``: warm-up and excluded
+    volumes, whose cleaned values do not exist yet live)."""
+
+    def __post_init__(self):
+        if self.mode not in PREPROCESS_MODES:
+            raise WeightsError(f"preprocess mode must be one of {', '.join(PREPROCESS_MODES)}, got {self.mode!r}")
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "config": self.config, "confounds": list(self.confounds),
+                "load_confounds": dict(self.load_confounds), "columns": [list(c) for c in self.columns],
+                "source": self.source, "excluded": [list(map(int, e)) for e in self.excluded],
+                "zeroed": [list(map(int, z)) for z in self.zeroed]}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "PreprocessRecord":
+        """The inverse of :meth:`to_dict`; None or {} = mode ``none``; unknown keys are ignored (newer files)."""
+        values = values or {}
+        known = {k: values[k] for k in ("mode", "config", "confounds", "load_confounds", "columns", "source",
+                                        "excluded", "zeroed") if k in values}
+        return cls(**known)
+
+
+@dataclass
 class EncodingWeights:
     """A fitted voxelwise encoding model, ready to apply offline or per TR."""
 
@@ -124,6 +179,29 @@ class EncodingWeights:
     """(n_voxels,) leave-one-run-out CV R², when scored."""
     provenance: dict = field(default_factory=dict)
     """Free-form fit provenance (inputs, options, versions, date)."""
+    preprocessing: PreprocessRecord = field(default_factory=PreprocessRecord)
+    """How the fit's BOLD was preprocessed (mode ``none`` for files written without the record)."""
+    reference: np.ndarray | None = field(default=None, repr=False)
+    """(X, Y, Z) float32 mean EPI of the fit's runs (before cleaning) on the fit grid (``affine``), or None."""
+
+    # --- preprocessing ---------------------------------------------------------------------
+    @property
+    def preprocess_mode(self) -> str:
+        """``none``, ``offline`` or ``causal`` (:data:`PREPROCESS_MODES`)."""
+        return self.preprocessing.mode
+
+    @property
+    def preprocess(self) -> PreprocessConfig | None:
+        """The :class:`encoders.preprocess.PreprocessConfig` the fit's BOLD was cleaned with (None = mode
+        ``none``): what the live path applies to measured volumes before scoring them against predictions."""
+        if self.preprocessing.config is None:
+            return None
+        from encoders.preprocess import PreprocessConfig, PreprocessError
+
+        try:
+            return PreprocessConfig.from_dict(self.preprocessing.config)
+        except PreprocessError as e:
+            raise WeightsError(f"the weights' preprocess config is not usable here: {e}") from None
 
     # --- shape helpers ---------------------------------------------------------------------
     @property
@@ -141,6 +219,9 @@ class EncodingWeights:
             raise WeightsError(f"mask holds {int(self.mask.sum())} voxels, coef has {self.n_voxels} columns")
         if any(d < 0 for d in self.delays):
             raise WeightsError(f"delays must be ≥ 0, got {self.delays}")
+        if self.reference is not None and np.shape(self.reference) != self.mask.shape:
+            raise WeightsError(f"reference volume {np.shape(self.reference)} is not on the mask's grid "
+                               f"{self.mask.shape}")
 
     # --- offline application ---------------------------------------------------------------
     def check_features(self, features: list[np.ndarray]) -> None:
@@ -190,7 +271,8 @@ class EncodingWeights:
             "mask": self.mask.astype(np.uint8),
             "affine": np.asarray(self.affine, dtype=np.float64),
         }
-        for name, arr in (("roi_labels", self.roi_labels), ("cv_r", self.cv_r), ("cv_r2", self.cv_r2)):
+        for name, arr in (("roi_labels", self.roi_labels), ("cv_r", self.cv_r), ("cv_r2", self.cv_r2),
+                          ("reference", self.reference)):
             if arr is not None:
                 tensors[name] = np.asarray(arr, dtype=np.int32 if name == "roi_labels" else np.float32)
         for i, s in enumerate(self.spaces):
@@ -209,6 +291,7 @@ class EncodingWeights:
             "roi_names": {str(k): v for k, v in self.roi_names.items()},
             "atlas": self.atlas,
             "provenance": self.provenance,
+            "preprocess": self.preprocessing.to_dict(),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         # safetensors writes the raw buffer: a Fortran-ordered array (nibabel's default) would come back transposed
@@ -248,8 +331,12 @@ class EncodingWeights:
             mask=tensors["mask"].astype(bool), affine=tensors["affine"], tr=meta["tr"],
             roi_labels=tensors.get("roi_labels"), roi_names={int(k): v for k, v in meta["roi_names"].items()},
             atlas=meta.get("atlas", ""), cv_r=tensors.get("cv_r"), cv_r2=tensors.get("cv_r2"),
-            provenance=meta.get("provenance", {}),
+            provenance=meta.get("provenance", {}), reference=tensors.get("reference"),
         )
+        try:
+            w.preprocessing = PreprocessRecord.from_dict(meta.get("preprocess"))
+        except (TypeError, WeightsError) as e:
+            raise WeightsError(f"{path}: unreadable preprocess record ({e})") from None
         w.validate()
         return w
 

@@ -33,20 +33,19 @@ import functools
 import hashlib
 import json
 import os
-import re
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from agents.base import FrameRef
+from agents.spec import AgentSpec, build_agent
 
 MANIFEST = "manifest.json"
-AGENT_KINDS = ("rl", "vlm")
 
 
 class ReplayError(RuntimeError):
@@ -56,58 +55,22 @@ class ReplayError(RuntimeError):
 # --- job description -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AgentSpec:
-    """One model to extract activations from."""
-
-    label: str
-    """Short name used in file names (``rl``, ``vlm``, ``qwen7b`` …)."""
-    kind: str
-    """``rl`` (Nature-CNN) or ``vlm`` (VLM/LAM through the transformers backend)."""
-    model: str = ""
-    """VLM: model directory or hub name; RL: checkpoint path ('' = seeded random Nature-CNN)."""
-    conditions: tuple[str, ...] = ("action",)
-    """VLM prompt conditions (all run in one batched forward, as live); ignored for RL."""
-    layers: tuple[int, ...] | None = None
-    """VLM hidden-state entries to keep (None = all)."""
-    poolings: tuple[str, ...] = ("last_token", "mean_image")
-    """VLM poolings to keep."""
-    rl_layers: tuple[str, ...] = ("penultimate",)
-    """RL activation layers (penultimate, conv1, conv2, conv3)."""
-    device: str = "cpu"
-    """torch device for the VLM (transformers backend)."""
-    server: str = ""
-    """VLM on a running ``vllm serve`` (``http://host:8000``) instead of transformers in the task."""
-    transport: str = "rpc"
-    """With ``server``: how activations come back (``rpc`` over HTTP; ``shm`` needs a shared /dev/shm)."""
-
-    @staticmethod
-    def parse(text: str, **settings) -> "AgentSpec":
-        """``KIND``, ``KIND:MODEL``, ``LABEL=KIND:MODEL`` or ``…:MODEL@SERVER_URL``.
-
-        E.g. ``rl``, ``vlm:/models/tiny``, ``lam=vlm:/m/uitars``, ``vlm:Qwen/Qwen2.5-VL-7B-Instruct@http://vllm:8000``.
-        """
-        label, sep, rest = text.partition("=")
-        if not sep or "://" in label:
-            label, rest = "", text
-        kind, _, model = rest.partition(":")
-        model, _, server = model.partition("@")
-        if kind not in AGENT_KINDS:
-            raise ValueError(f"agent {text!r}: kind must be one of {AGENT_KINDS}, not {kind!r}")
-        if kind == "vlm" and not model:
-            raise ValueError(f"agent {text!r}: a vlm agent needs a model (vlm:/path/or/hub-name)")
-        label = label or kind
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
-            raise ValueError(f"agent label {label!r}: use letters, digits, '_', '-', '.'")
-        if kind == "rl":  # prompt and VLM settings do not apply: keep them out of the fingerprint
-            if server:
-                raise ValueError(f"agent {text!r}: an rl agent runs in the task; @SERVER is for vlm agents")
-            settings = {**settings, "conditions": (), "layers": None, "poolings": (), "device": "cpu"}
-        else:
-            settings = {**settings, "rl_layers": ()}
-        if not server:
-            settings = {**settings, "transport": "rpc"}
-        return AgentSpec(label=label, kind=kind, model=model, server=server, **settings)
+def agent_record(spec: AgentSpec) -> dict:
+    """The agent settings an extraction's results depend on, as its sidecars and job fingerprints record them:
+    the settings extraction always had, under their names there (``transport`` is ``rpc`` without a server),
+    plus any other setting not at its default.
+    Settings a job sets itself (game, seed, threads, frame window: from the recording and ExtractConfig) and
+    live-only ones are left out."""
+    record = {"label": spec.agent_id, "kind": spec.kind, "model": spec.model, "conditions": spec.conditions,
+              "layers": spec.layers, "poolings": spec.poolings, "rl_layers": spec.rl_layers, "device": spec.device,
+              "server": spec.vllm_url, "transport": spec.vllm_transport if spec.vllm_url else "rpc"}
+    covered = {"agent_id", "kind", "model", "conditions", "layers", "poolings", "rl_layers", "device", "vllm_url",
+               "vllm_transport", "backend", "game", "seed", "torch_threads", "frame_window", "window_s", "role",
+               "activations_endpoint"}
+    for f in fields(spec):
+        if f.name not in covered and getattr(spec, f.name) != f.default:
+            record[f.name] = getattr(spec, f.name)
+    return record
 
 
 @dataclass(frozen=True)
@@ -136,7 +99,7 @@ class Job:
 
     @property
     def key(self) -> str:
-        return f"{self.run}/{self.agent.label}"
+        return f"{self.run}/{self.agent.agent_id}"
 
 
 @dataclass
@@ -191,33 +154,11 @@ def nominal_tr_s(rec, tr: float | None) -> float:
 # --- one job -------------------------------------------------------------------------------------
 
 
-def build_agent(spec: AgentSpec, game: str, cfg: ExtractConfig):
-    """The agent a spec names, configured like the live agent service's (1 torch thread)."""
-    from agents.base import FrameWindow
-
-    if spec.kind == "rl":
-        from agents.rl import RLAgent, RLConfig
-
-        agent = RLAgent(RLConfig(checkpoint=spec.model or None, game=game, activation_layers=tuple(spec.rl_layers),
-                                 seed=cfg.seed, torch_threads=1))
-    elif spec.kind == "vlm":
-        from agents.vlm import VLMAgent, VLMConfig
-
-        vlm_cfg = VLMConfig(model=spec.model, conditions=list(spec.conditions), device=spec.device,
-                            layers=None if spec.layers is None else list(spec.layers),
-                            poolings=tuple(spec.poolings), torch_threads=1)
-        backend = None
-        if spec.server:  # the model lives on a vLLM server (GPU host); this task is its client
-            from agents.vllm_backend import VllmBackend, VllmConfig
-
-            backend = VllmBackend(VllmConfig(model=spec.model, server_url=spec.server,
-                                             activation_transport=spec.transport))
-        agent = VLMAgent(vlm_cfg, backend=backend)
-    else:
-        raise ValueError(f"unknown agent kind {spec.kind!r}")
-    if cfg.window > 1:
-        agent = FrameWindow(agent, k=cfg.window, span_s=cfg.window_s)
-    return agent
+def job_agent(job: Job, game: str) -> AgentSpec:
+    """The job's agent as extraction runs it: on the recording's game, seeded and windowed by the job's
+    ExtractConfig, 1 torch thread (as the live agent service)."""
+    return replace(job.agent, game=game, seed=job.cfg.seed, torch_threads=1, frame_window=job.cfg.window,
+                   window_s=job.cfg.window_s)
 
 
 def space_name(label: str, condition: str, pooling: str, layer: int) -> str:
@@ -238,7 +179,7 @@ def run_job(job: Job) -> JobResult:
     tr_s = nominal_tr_s(rec, job.cfg.tr)
     triggers = sorted(rec.triggers, key=lambda t: t.tr_index)
     n_trs = triggers[-1].tr_index + 1
-    agent = build_agent(job.agent, rec.header.game, job.cfg)
+    agent = build_agent(job_agent(job, rec.header.game))
     meanings = tuple(rec.header.action_meanings)
     # (condition, pooling, layer) → list of (vector, frame_t_ns)
     streams: dict[tuple[str, str, int], tuple[list[np.ndarray], list[int]]] = {}
@@ -271,11 +212,11 @@ def run_job(job: Job) -> JobResult:
         for v, t in zip(vecs, times):
             aligner.add(v, t)
         rows = np.stack([aligner.close(t) for t in range(n_trs)]).astype(np.float32)
-        name = space_name(job.agent.label, condition, pooling, layer)
+        name = space_name(job.agent.agent_id, condition, pooling, layer)
         features[name] = rows
         meta[name] = {
             "space": name, "model": agent.name, "layer": layer, "condition": condition, "pooling": pooling,
-            "agent": asdict(job.agent), "extract": asdict(job.cfg), "tr": tr_s, "n_trs": n_trs,
+            "agent": agent_record(job.agent), "extract": asdict(job.cfg), "tr": tr_s, "n_trs": n_trs,
             "dim": int(rows.shape[1]), "dtype": str(vecs[0].dtype),
             "recording": str(job.recording), "recording_xxh3": digest, "session_id": rec.header.session_id,
             "recording_meta": dict(rec.header.meta), "game": rec.header.game,
@@ -300,7 +241,7 @@ def _close_backend(agent) -> None:
 
 def plan_jobs(recordings: list[str | os.PathLike], agents: list[AgentSpec], cfg: ExtractConfig) -> list[Job]:
     """One job per recording × agent; run names are recording stems, made unique with a suffix."""
-    labels = [a.label for a in agents]
+    labels = [a.agent_id for a in agents]
     dup = {label for label in labels if labels.count(label) > 1}
     if dup:
         raise ValueError(f"agent labels must be unique; repeated: {sorted(dup)} (name them LABEL=KIND:MODEL)")
@@ -329,7 +270,7 @@ def job_fingerprint(job: Job) -> str:
     """What a finished job's results depend on: recording bytes, agent settings, extraction settings."""
     st = os.stat(job.recording)
     digest = _cached_digest(job.recording, st.st_size, st.st_mtime_ns)  # one hash per file, not per agent
-    payload = json.dumps({"recording": digest, "agent": asdict(job.agent),
+    payload = json.dumps({"recording": digest, "agent": agent_record(job.agent),
                           "cfg": asdict(job.cfg)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
@@ -376,7 +317,7 @@ class Manifest:
                 and all((out / f).is_file() for f in entry.get("files", [])))
 
     def record(self, job: Job, fingerprint: str, files: list[str], seconds: float) -> None:
-        self.jobs[job.key] = {"fingerprint": fingerprint, "recording": job.recording, "agent": job.agent.label,
+        self.jobs[job.key] = {"fingerprint": fingerprint, "recording": job.recording, "agent": job.agent.agent_id,
                               "files": files, "seconds": round(seconds, 3),
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write_bytes(self.path, json.dumps({"version": 1, "jobs": self.jobs}, indent=1).encode())
@@ -494,39 +435,18 @@ class FitJob:
 
 
 def run_fit_job(job: FitJob) -> dict:
-    """Fit one subject with the encoding package's own functions; write weights; return a summary."""
-    from encoders.data import bids_runs, load_bold, load_features
-    from encoders.fit import FitConfig, fit_encoding
+    """Fit one subject through :func:`pipelines.fit.run_fit` (weights only, no reports); return a summary."""
+    from encoders.fit import FitConfig
+    from pipelines.fit import FitRunConfig, run_fit
 
-    bold_paths, space_files = bids_runs(job.bids, job.subject, job.task)
-    if job.spaces:
-        missing = set(job.spaces) - set(space_files)
-        if missing:
-            raise ValueError(f"sub-{job.subject}: feature spaces {sorted(missing)} not found; "
-                             f"have {sorted(space_files)}")
-        space_files = {k: space_files[k] for k in job.spaces}
-    bold = load_bold(bold_paths)
-    features, provenance = {}, {}
-    for name, files in space_files.items():
-        loaded = [load_features(f) for f in files]
-        features[name] = [x for x, _ in loaded]
-        meta = loaded[0][1]
-        provenance[name] = {k: meta.get(k, d) for k, d in
-                            (("model", ""), ("layer", None), ("condition", ""), ("pooling", ""))}
     opts = dict(job.fit_options)
     if "alphas" in opts:
         opts["alphas"] = np.asarray(opts["alphas"])
-    res = fit_encoding(bold.runs, features, FitConfig(progress=False, **opts), mask=bold.mask, affine=bold.affine,
-                       tr=bold.tr, provenance=provenance,
-                       extra_provenance={"subject": job.subject, "bids": job.bids,
-                                         "bold": [str(p) for p in bold.paths]})
-    path = Path(job.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    written = res.weights.save(tmp)
-    os.replace(written, path)
-    return {"subject": job.subject, "weights": str(path), "runs": len(bold.runs), "voxels": int(bold.mask.sum()),
-            "mean_cv_r": float(np.mean(res.cv_r)) if res.cv_r is not None else None}
+    summary = run_fit(FitRunConfig(out=Path(job.out), bids=job.bids, subject=job.subject, task=job.task,
+                                   select=job.spaces, fit=FitConfig(progress=False, **opts), reports=False,
+                                   record_subject=True, record_feature_files=False))
+    return {"subject": job.subject, "weights": str(summary.weights), "runs": summary.runs, "voxels": summary.voxels,
+            "mean_cv_r": summary.mean_cv_r}
 
 
 def run_fit_batch(jobs: list[FitJob], *, sequential: bool = False, address: str | None = None, num_cpus: int = 2,

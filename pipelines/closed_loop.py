@@ -1,12 +1,14 @@
-"""Closed-loop run on loopback: the emulator plus an RL agent plus a tiny-VLM agent.
+"""Emulator + agents on loopback: the one runner of a live game with agent processes.
 
 The emulator runs in a thread of this process; every agent runs in its own spawned process
-(one small model per process, 1 torch thread), so a slow model never holds the GIL of the
-emulator or of another agent. ``run_closed_loop`` is a self-contained loop (a live game, a temporary
-recording, no participant) that returns one summary dict: per agent and prompt condition
-``decisions``, ``latency_p50_ms``, ``latency_p99_ms``, ``activations``, ``stale_skipped``. It is not
-the demo's loop: ``neuroarcade demo`` and ``replay-session`` replay a participant's run through
-``pipelines.session.ClosedLoop``, which starts the same :class:`AgentProcesses`.
+(one small model per process, 1 torch thread, built by :func:`agents.spec.build_agent`), so a slow
+model never holds the GIL of the emulator or of another agent. :func:`run_closed_loop` runs a live
+game (real time or lockstep, a recording that can be kept, no participant) and returns one summary
+dict: per agent and prompt condition ``decisions``, ``latency_p50_ms``, ``latency_p99_ms``,
+``activations``, ``stale_skipped``. ``neuroarcade eval-rl --path service`` plays its games through it
+(lockstep, the RL agent as controller, returns read from the kept recording). ``neuroarcade demo`` and
+``replay-session`` replay a participant's run through ``pipelines.session.ClosedLoop`` instead (replay,
+BOLD and encoders too), which starts the same :class:`AgentProcesses`.
 """
 
 from __future__ import annotations
@@ -15,61 +17,13 @@ import multiprocessing as mp
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from agents.spec import AgentSpec, build_agent
+from services.emulator import EmulatorConfig
+from services.plumbing.game import GameSettings
 from services.plumbing.transport import free_tcp_endpoint
-
-
-@dataclass
-class AgentSpec:
-    """One agent process of a closed loop."""
-
-    agent_id: str
-    kind: str
-    """``rl`` or ``vlm``."""
-    role: str = "observer"
-    model: str = ""
-    """VLM: model dir/hub name; RL: checkpoint path ('' = random Nature-CNN)."""
-    conditions: list[str] = field(default_factory=lambda: ["action"])
-    """VLM prompt conditions (all run in one batched forward)."""
-    frame_window: int = 1
-    """Frames per decision (VLM; >1 wraps the agent in FrameWindow over window_s)."""
-    window_s: float = 1.5
-    added_latency_s: float = 0.0
-    """Extra sleep per decision (emulates a slower model)."""
-    activations_endpoint: str = ""
-    backend: str = "transformers"
-    """VLM runtime: ``transformers`` or ``vllm`` (in the agent's process, or at ``vllm_url``)."""
-    vllm_url: str = ""
-    """vLLM: ``http://host:port`` of a ``vllm serve`` ('' = engine in the agent's process)."""
-
-    @property
-    def starts_engine_process(self) -> bool:
-        """An in-process vLLM engine runs its core in a child process (so the agent's may not be daemonic)."""
-        return self.kind == "vlm" and self.backend == "vllm" and not self.vllm_url
-
-
-def build_agent(spec: AgentSpec, game: str):
-    """Build the agent a spec names (in the process that will run it)."""
-    from agents.base import AddedLatency, FrameWindow
-
-    if spec.kind == "rl":
-        from agents.rl import RLAgent, RLConfig
-
-        agent = RLAgent(RLConfig(checkpoint=spec.model or None, game=game))
-    elif spec.kind == "vlm":
-        from agents.vlm import VLMAgent, VLMConfig, build_backend
-
-        cfg = VLMConfig(model=spec.model, conditions=list(spec.conditions))
-        agent = VLMAgent(cfg, build_backend(cfg, spec.backend, vllm_url=spec.vllm_url or None))
-        if spec.frame_window > 1:
-            agent = FrameWindow(agent, k=spec.frame_window, span_s=spec.window_s)
-    else:
-        raise ValueError(f"unknown agent kind {spec.kind!r} (rl or vlm)")
-    if spec.added_latency_s > 0:
-        agent = AddedLatency(agent, spec.added_latency_s)
-    return agent
 
 
 def _agent_process(spec: AgentSpec, game: str, frames: str, control: str, ready, stop, results) -> None:
@@ -77,7 +31,7 @@ def _agent_process(spec: AgentSpec, game: str, frames: str, control: str, ready,
 
     agent = None
     try:
-        agent = build_agent(spec, game)
+        agent = build_agent(replace(spec, game=spec.game or game))
         service = AgentService(agent, AgentServiceConfig(
             agent_id=spec.agent_id, role=spec.role, frames_endpoint=frames, control_endpoint=control,
             activations_endpoint=spec.activations_endpoint or None))
@@ -131,47 +85,80 @@ class AgentProcesses:
         return summaries
 
 
-def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_dir: str | None = None,
-                    agents: list[AgentSpec] | None = None, startup_timeout_s: float = 120.0,
-                    min_actions: int = 0, min_actions_timeout_s: float = 300.0) -> dict:
-    """Start emulator + agents on loopback, run ``duration_s`` once all agents joined, return the summary.
+@dataclass
+class LoopConfig:
+    """One emulator + agents run on loopback (:func:`run_closed_loop`)."""
 
-    ``min_actions``: then keep running until the emulator accepted at least this many actions from every
-    agent (at most ``min_actions_timeout_s`` more): a count to wait on, where a loaded machine can make a
-    model's first decisions take longer than ``duration_s``.
+    emulator: EmulatorConfig = field(default_factory=lambda: EmulatorConfig(game=GameSettings("ALE/Pong-v5")))
+    """Game (seed, sticky actions), mode (``realtime`` or ``lockstep``) and the emulator's own limits
+    (``max_episodes``, ``max_steps``); its endpoints are set by the run, its recording goes to ``record_path``."""
+    agents: list[AgentSpec] | None = None
+    """The agents, each in its own spawned process. None: an RL controller (the game's shipped checkpoint,
+    else a random Nature-CNN PPO) and a tiny-VLM observer with conditions ``action`` and ``reasoning``."""
+    model_dir: str | None = None
+    """VLM of the default agents (None: a tiny Qwen2.5-VL built into a temporary folder)."""
+    duration_s: float | None = 20.0
+    """Seconds to run once every agent joined; None: until the emulator stops by itself (its limits)."""
+    min_actions: int = 0
+    """Then keep running until the emulator accepted at least this many actions from every agent: a count
+    to wait on, where a loaded machine can make a model's first decisions take longer than ``duration_s``."""
+    min_actions_timeout_s: float = 300.0
+    """At most this much longer for ``min_actions``."""
+    startup_timeout_s: float = 120.0
+    """How long to wait for the agents to join."""
+    publish_activations: bool = True
+    """Give every agent without an activations endpoint one (its activations are counted in the summary)."""
+    record_path: str = ""
+    """Keep the session's recording here ('' = a temporary file, removed after the run)."""
 
-    Without ``agents``: an RL controller (random Nature-CNN PPO unless a checkpoint is given) and a
-    tiny-VLM observer with conditions ``action`` and ``reasoning`` (built into a temp dir when
-    ``model_dir`` is None).
+
+def run_closed_loop(cfg: LoopConfig | None = None) -> dict:
+    """Start the emulator (a thread) and the agents (a spawned process each) on loopback, run, return the summary.
+
+    Runs ``cfg.duration_s`` once all agents joined (then up to ``min_actions``), or until the emulator stops
+    by itself. Summary: ``game``, ``duration_s``, ``emulator`` (``steps``, ``steps_per_s``,
+    ``frames_published``), ``agents`` (one entry per agent and prompt condition: ``decisions``,
+    ``latency_p50_ms``, ``latency_p99_ms``, ``activations``, ``stale_skipped`` …) and ``specs``.
+    Raises RuntimeError when the emulator does not start.
     """
-    from services.emulator import Emulator, EmulatorConfig
-    from services.plumbing.game import GameSettings
+    from services.emulator import Emulator
 
+    cfg = cfg or LoopConfig()
+    game = cfg.emulator.game.game
     with tempfile.TemporaryDirectory(prefix="neuroarcade-loop-") as tmp:
+        agents = cfg.agents
         if agents is None:
+            model_dir = cfg.model_dir
             if model_dir is None:
                 from agents.tiny import build_tiny
 
                 model_dir = str(build_tiny(Path(tmp) / "tiny-vlm", "vlm"))
             agents = [AgentSpec("rl-0", "rl", role="controller"),
-                      AgentSpec("vlm-0", "vlm", model=model_dir, conditions=["action", "reasoning"])]
-        for spec in agents:
-            spec.activations_endpoint = spec.activations_endpoint or free_tcp_endpoint()
+                      AgentSpec("vlm-0", "vlm", model=model_dir, conditions=("action", "reasoning"))]
+        if cfg.publish_activations:
+            agents = [replace(spec, activations_endpoint=spec.activations_endpoint or free_tcp_endpoint())
+                      for spec in agents]
         frames, control = free_tcp_endpoint(), free_tcp_endpoint()
-        emulator = Emulator(EmulatorConfig(game=GameSettings(game=game), frames_endpoint=frames,
-                                           control_endpoint=control, record_path=str(Path(tmp) / "loop.narec")))
+        emulator = Emulator(replace(cfg.emulator, frames_endpoint=frames, control_endpoint=control,
+                                    record_path=cfg.record_path or str(Path(tmp) / "loop.narec")))
         emu_result: dict = {}
-        emu_thread = threading.Thread(target=lambda: emu_result.update(summary=emulator.run()), daemon=True)
+        emu_thread = threading.Thread(target=lambda: emu_result.update(summary=emulator.run()), name="emulator",
+                                      daemon=True)
         emu_thread.start()
-        emulator.ready.wait(30)
+        if not emulator.ready.wait(30):
+            emulator.stop()
+            raise RuntimeError("emulator did not start")
         pool = AgentProcesses(agents, game, frames, control)
-        pool.wait_ready(startup_timeout_s)
+        pool.wait_ready(cfg.startup_timeout_s)
         steps_at_start = emulator.steps
         t0 = time.monotonic()
-        time.sleep(duration_s)
-        deadline = time.monotonic() + min_actions_timeout_s
-        while min_actions and time.monotonic() < deadline and not all(
-                _accepted_actions(emulator).get(spec.agent_id, 0) >= min_actions for spec in agents):
+        if cfg.duration_s is None:
+            emu_thread.join()
+        else:
+            time.sleep(cfg.duration_s)
+        deadline = time.monotonic() + cfg.min_actions_timeout_s
+        while cfg.min_actions and emu_thread.is_alive() and time.monotonic() < deadline and not all(
+                _accepted_actions(emulator).get(spec.agent_id, 0) >= cfg.min_actions for spec in agents):
             time.sleep(0.05)
         run_s = time.monotonic() - t0
         steps_in_run = emulator.steps - steps_at_start
@@ -179,7 +166,7 @@ def run_closed_loop(duration_s: float = 20.0, game: str = "ALE/Pong-v5", model_d
         emulator.stop()
         emu_thread.join(10)
         emu = emu_result.get("summary")
-    return _report(agents, summaries, run_s, steps_in_run, game, emu)
+    return summarize_loop(agents, summaries, run_s, steps_in_run, game, emu)
 
 
 def _accepted_actions(emulator) -> dict[str, int]:
@@ -192,7 +179,8 @@ def _accepted_actions(emulator) -> dict[str, int]:
     return {}
 
 
-def _report(agents: list[AgentSpec], summaries: dict, run_s: float, steps: int, game: str, emu) -> dict:
+def summarize_loop(agents: list[AgentSpec], summaries: dict, run_s: float, steps: int, game: str, emu) -> dict:
+    """The closed loop's summary: one entry per agent and prompt condition (decisions, latency, activations)."""
     entries = []
     for spec in agents:
         s = summaries.get(spec.agent_id, {"error": "no summary (agent process died)"})

@@ -14,16 +14,14 @@ recording. A uniformly random policy plays the same seeds in the same run as the
 from __future__ import annotations
 
 import tempfile
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from agents.base import FrameRef, Observation
-from agents.rl import RandomAgent, RLAgent, RLConfig
-
+from agents.spec import AgentSpec, build_agent
 from services.plumbing.game import GameEnv, GameSettings
 
 PATHS = ("headless", "service")
@@ -94,32 +92,22 @@ def play_headless(agent, settings: GameSettings, max_steps: int) -> tuple[float,
         game.close()
 
 
-def play_service(agent, settings: GameSettings, episodes: int, max_steps: int,
+def play_service(spec: AgentSpec, settings: GameSettings, episodes: int, max_steps: int,
                  record_dir: Path) -> list[tuple[float, int]]:
-    """``episodes`` whole games through the real emulator (lockstep) with the agent service as its
-    controller; returns (raw return, steps) per game, read from the session's recording."""
-    from services.agent import AgentService, AgentServiceConfig
-    from services.emulator import Emulator, EmulatorConfig
+    """``episodes`` whole games through the real emulator (lockstep) with the agent ``spec`` names as its
+    controller (the agent service in a process of its own: ``pipelines.closed_loop.run_closed_loop``);
+    returns (raw return, steps) per game, read from the session's recording. The controller has 120 s to
+    join (a spawned process loads torch and the model first)."""
+    from pipelines.closed_loop import LoopConfig, run_closed_loop
+    from services.emulator import EmulatorConfig
     from services.plumbing.recording import read_recording
-    from services.plumbing.transport import free_tcp_endpoint
 
     record = record_dir / f"eval-{settings.seed}.narec"
-    emu = Emulator(EmulatorConfig(
-        game=settings, mode="lockstep", frames_endpoint=free_tcp_endpoint(), control_endpoint=free_tcp_endpoint(),
-        record_path=str(record), max_episodes=episodes, max_steps=episodes * max_steps, step_timeout_s=30.0,
-        on_timeout="wait", wait_for_controller_s=60.0))
-    emu_thread = threading.Thread(target=emu.run, name="eval-emulator", daemon=True)
-    emu_thread.start()
-    if not emu.ready.wait(30):
-        raise RuntimeError("emulator did not start")
-    service = AgentService(agent, AgentServiceConfig(
-        agent_id="eval-rl", role="controller", frames_endpoint=emu.cfg.frames_endpoint,
-        control_endpoint=emu.cfg.control_endpoint, activations_endpoint=None))
-    svc_thread = threading.Thread(target=service.run, name="eval-agent", daemon=True)
-    svc_thread.start()
-    emu_thread.join()
-    service.stop()
-    svc_thread.join(30)
+    run_closed_loop(LoopConfig(
+        emulator=EmulatorConfig(game=settings, mode="lockstep", max_episodes=episodes, max_steps=episodes * max_steps,
+                                step_timeout_s=30.0, on_timeout="wait", wait_for_controller_s=120.0),
+        agents=[replace(spec, role="controller", game=settings.game)], duration_s=None, publish_activations=False,
+        record_path=str(record)))
     rec = read_recording(record)
     by_episode: dict[int, list[float]] = {}
     for s in rec.steps:
@@ -135,20 +123,22 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str], None] | None = None) -> 
         raise ValueError(f"path must be one of {PATHS}, not {cfg.path!r}")
     if cfg.episodes < 1:
         raise ValueError("episodes must be at least 1")
-    agent = RLAgent(RLConfig(checkpoint=cfg.checkpoint, game=cfg.game, seed=cfg.seed))
+    rl = AgentSpec("eval-rl", "rl", role="controller", model=cfg.checkpoint or "", game=cfg.game, seed=cfg.seed)
+    agent = build_agent(rl)  # in this process: its name, and the headless games
     results: dict[str, list[tuple[float, int]]] = {}
-    for name, make in (("agent", lambda ep: agent), ("random", lambda ep: RandomAgent(cfg.seed + ep))):
+    for name, spec in (("agent", rl), ("random", AgentSpec("eval-random", "random", role="controller"))):
         out = []
         if cfg.path == "headless":
             for ep in range(cfg.episodes):
                 settings = GameSettings(cfg.game, seed=cfg.seed + ep, repeat_action_probability=cfg.sticky)
-                out.append(play_headless(make(ep), settings, cfg.max_steps))
+                player = agent if name == "agent" else build_agent(replace(spec, seed=cfg.seed + ep))
+                out.append(play_headless(player, settings, cfg.max_steps))
                 if progress:
                     progress(f"{name} game {ep + 1}/{cfg.episodes}: return {out[-1][0]:g} in {out[-1][1]} steps")
         else:
             settings = GameSettings(cfg.game, seed=cfg.seed, repeat_action_probability=cfg.sticky)
             with tempfile.TemporaryDirectory() as tmp:
-                out = play_service(make(0), settings, cfg.episodes, cfg.max_steps, Path(tmp))
+                out = play_service(replace(spec, seed=cfg.seed), settings, cfg.episodes, cfg.max_steps, Path(tmp))
             if progress:
                 progress(f"{name}: returns {[r for r, _ in out]}")
         results[name] = out

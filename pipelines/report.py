@@ -3,16 +3,22 @@
 Input layout (everything optional except at least one scores table; files are found anywhere
 under RUN_DIR, except ``report*`` files this module wrote itself):
 
+Every scores table has its score in column ``r`` (Pearson r of predicted vs measured) and may say
+what it is an r of in column ``kind`` (``encoders.score.KINDS``: ``roi_mean``, ``cv_voxel_mean``,
+``voxel_mean``; none = one unnamed kind). Where a stream has rows of several kinds, the figures and
+the ROI table show the first of ``KINDS`` it has; ``report_scores.tsv`` keeps every row.
+
 ``scores.tsv``
-    Long table, one row per (agent, condition, ROI): columns ``agent``, ``condition``, ``roi``,
-    ``r`` (Pearson r of predicted vs measured), optional ``r2``, ``n_trs``, ``n_voxels``.
+    Long table, one row per (agent, condition, ROI[, kind]): columns ``agent``, ``condition``, ``roi``,
+    ``r``, optional ``kind``, ``r2``, ``n_trs``, ``n_voxels``, ``n_undefined``.
 ``<agent>__<condition>_scores.tsv`` (or ``<name>_scores.tsv``)
     Per-stream tables as the encoding service writes them (``EncodingCore.write_outputs``:
-    ``roi, n_voxels, n_trs, r_roi_mean, mean_voxel_r``) or as ``neuroarcade fit`` writes them
-    (``roi, n_voxels, cv_r, cv_r2[, frac_significant, noise_ceiling, unique_<a>, unique_<b>, shared]``).
+    ``roi, n_voxels, n_trs, kind, r, n_undefined``, a ``roi_mean`` and a ``voxel_mean`` row per ROI),
+    as the batch replay writes them (``run, agent, condition, roi, kind, r, n_trs, n_undefined``) or as
+    ``neuroarcade fit`` writes them (``roi, n_voxels, kind, r, n_undefined, r2[, frac_significant,
+    noise_ceiling, unique_<a>, unique_<b>, shared]``, kind ``cv_voxel_mean``).
     Agent and condition come from ``agent``/``condition`` columns when present, else from the
-    file stem split at ``__``. The score shown is the first present of ``r``, ``r_roi_mean``,
-    ``cv_r``, ``mean_voxel_r``.
+    file stem split at ``__``.
 ``partition.tsv``
     Variance partitioning per ROI: ``roi``, ``unique_<a>``, ``unique_<b>``, ``shared`` (held-out R²
     fractions, may be negative), optional ``agent`` (one panel per agent/model). Fit tables with
@@ -53,8 +59,8 @@ from typing import Any
 import numpy as np
 
 from encoders.plant import PlantedPattern, Recovery, read_rows
+from encoders.score import KINDS
 
-SCORE_COLUMNS = ("r", "r_roi_mean", "cv_r", "mean_voxel_r")
 MAX_BRAIN_FIGURES = 8
 """Brain figures drawn at most (each nilearn figure takes about a second)."""
 
@@ -64,7 +70,7 @@ class RunData:
     """Everything read from a run folder."""
 
     scores: list[dict[str, Any]] = field(default_factory=list)
-    """Rows: agent, condition, roi, score, metric, source (+ any extra numeric columns)."""
+    """Rows: agent, condition, roi, r, kind, source (+ any extra numeric columns)."""
     partitions: list[dict[str, Any]] = field(default_factory=list)
     """Rows: agent, roi, unique_<a>, unique_<b>, shared, source."""
     maps_3d: list[Path] = field(default_factory=list)
@@ -122,16 +128,16 @@ def load_run(run_dir: str | Path) -> RunData:
         data.inputs.append(str(path.relative_to(run_dir)))
         cols = list(rows[0])
         unique_cols = [c for c in cols if c.startswith("unique_")]
-        metric = next((c for c in SCORE_COLUMNS if c in cols), None)
+        scored = "r" in cols and path.name != "partition.tsv"
         f_agent, f_cond = _stream_from_stem(path)
         for row in rows:
             agent = str(row.get("agent", f_agent))
             condition = str(row.get("condition", f_cond if "agent" not in row else ""))
             roi = str(row["roi"])
-            if metric is not None and path.name != "partition.tsv":
-                extra = {k: v for k, v in row.items() if isinstance(v, float) and k not in (metric,)}
-                data.scores.append({"agent": agent, "condition": condition, "roi": roi, "score": row[metric],
-                                    "metric": metric, "source": path.name, **extra})
+            if scored:
+                extra = {k: v for k, v in row.items() if isinstance(v, float) and k != "r"}
+                data.scores.append({"agent": agent, "condition": condition, "roi": roi, "r": row["r"],
+                                    "kind": str(row.get("kind", "")), "source": path.name, **extra})
             if len(unique_cols) >= 2:
                 planted_cols = [c for c in cols if c.startswith("planted_")]
                 data.partitions.append({"agent": agent if ("agent" in row or path.name != "partition.tsv") else "",
@@ -167,6 +173,19 @@ def load_run(run_dir: str | Path) -> RunData:
         data.latency = _latency_map(raw.get("agents", raw))
         data.inputs.append("latency.json")
     return data
+
+
+def headline_scores(scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of one kind per stream (agent, condition): the first of ``KINDS`` it has, else its first kind."""
+    kinds: dict[tuple[str, str], list[str]] = {}
+    for r in scores:
+        seen = kinds.setdefault((r["agent"], r["condition"]), [])
+        if r["kind"] not in seen:
+            seen.append(r["kind"])
+    order = list(KINDS)
+    pick = {s: min(ks, key=lambda k: (order.index(k) if k in order else len(order), ks.index(k)))
+            for s, ks in kinds.items()}
+    return [r for r in scores if r["kind"] == pick[(r["agent"], r["condition"])]]
 
 
 def _latency_map(raw: Any) -> dict[str, dict[str, list[float]]]:
@@ -211,8 +230,8 @@ def fig_roi_bars(scores: list[dict]) -> str:
 
     rois = _roi_order(scores)
     streams = list(dict.fromkeys(_stream_name(r["agent"], r["condition"]) for r in scores))
-    table = {(_stream_name(r["agent"], r["condition"]), r["roi"]): r["score"] for r in scores}
-    metrics = sorted({r["metric"] for r in scores})
+    table = {(_stream_name(r["agent"], r["condition"]), r["roi"]): r["r"] for r in scores}
+    kinds = sorted({r["kind"] or "r" for r in scores})
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rois) * max(1, len(streams)) ** 0.5 + 2), 3.8))
     width = 0.8 / max(len(streams), 1)
     x = np.arange(len(rois))
@@ -221,8 +240,8 @@ def fig_roi_bars(scores: list[dict]) -> str:
         ax.bar(x - 0.4 + width * (k + 0.5), vals, width, label=s, color=f"C{k % 10}")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, rois, rotation=30, ha="right")
-    ax.set_ylabel("Pearson r (predicted vs measured)" if "r2" not in metrics else "score")
-    ax.set_title(f"Encoding performance per ROI ({', '.join(metrics)})")
+    ax.set_ylabel("Pearson r (predicted vs measured)")
+    ax.set_title(f"Encoding performance per ROI ({', '.join(kinds)})")
     ax.legend(fontsize=8, ncol=2, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
@@ -403,14 +422,15 @@ def brain_figures(data: RunData, run_dir: Path) -> list[tuple[str, str]]:
             atlas = nib.load(data.atlas)
             labels = np.asarray(atlas.dataobj).astype(int)
             by_name = {v: k for k, v in data.atlas_names.items()}
-            streams = list(dict.fromkeys((r["agent"], r["condition"]) for r in data.scores))
+            headline = headline_scores(data.scores)
+            streams = list(dict.fromkeys((r["agent"], r["condition"]) for r in headline))
             for agent, cond in streams:
                 vol = np.zeros(labels.shape, np.float32)
                 painted = 0
-                for r in data.scores:
+                for r in headline:
                     if (r["agent"], r["condition"]) == (agent, cond) and r["roi"] in by_name and \
-                            isinstance(r["score"], float) and math.isfinite(r["score"]):
-                        vol[labels == by_name[r["roi"]]] = r["score"]
+                            isinstance(r["r"], float) and math.isfinite(r["r"]):
+                        vol[labels == by_name[r["roi"]]] = r["r"]
                         painted += 1
                 if painted and len(out) < MAX_BRAIN_FIGURES:
                     out.append((f"ROI scores of {_stream_name(agent, cond)} painted on the atlas "
@@ -488,13 +508,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     # scores
     sections.append("<h2 id='scores'>Encoding scores per ROI</h2>")
     if data.scores:
-        sections.append(_img(fig_roi_bars(data.scores), "ROI bar chart"))
+        headline = headline_scores(data.scores)
+        sections.append(_img(fig_roi_bars(headline), "ROI bar chart"))
         sections.append("<p class='caption'>Pearson r between predicted and measured BOLD per ROI, per model "
                         "(agent) and prompt condition. Encoding-service scores are running r of ROI-mean time "
-                        "courses; fit scores are leave-one-run-out cross-validated.</p>")
-        streams = list(dict.fromkeys((r["agent"], r["condition"]) for r in data.scores))
-        rois = _roi_order(data.scores)
-        table = {(r["agent"], r["condition"], r["roi"]): r["score"] for r in data.scores}
+                        "courses (kind roi_mean); fit scores are leave-one-run-out cross-validated r averaged over "
+                        "the ROI's voxels (cv_voxel_mean). report_scores.tsv holds every kind.</p>")
+        streams = list(dict.fromkeys((r["agent"], r["condition"]) for r in headline))
+        rois = _roi_order(headline)
+        table = {(r["agent"], r["condition"], r["roi"]): r["r"] for r in headline}
         sections.append(_table(["ROI"] + [_stream_name(a, c) for a, c in streams],
                                [[roi] + [table.get((a, c, roi), float("nan")) for a, c in streams] for roi in rois]))
     else:
@@ -545,8 +567,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
 
     # files
     scores_tsv = out.with_name("report_scores.tsv")
-    extra_cols = sorted({k for r in data.scores for k in r} - {"agent", "condition", "roi", "score", "metric", "source"})
-    cols = ["agent", "condition", "roi", "score", "metric", *extra_cols, "source"]
+    extra_cols = sorted({k for r in data.scores for k in r} - {"agent", "condition", "roi", "r", "kind", "source"})
+    cols = ["agent", "condition", "roi", "r", "kind", *extra_cols, "source"]
     scores_tsv.write_text("\t".join(cols) + "\n" + "".join(
         "\t".join(f"{r[c]:.6g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols) + "\n"
         for r in data.scores))

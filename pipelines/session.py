@@ -42,10 +42,11 @@ from encoders.plant import PLANT
 from services.plumbing.transport import free_tcp_endpoint
 
 # (agent id, kind, prompt conditions) of the default agents of a session
+DEMO_GAME = "ALE/Breakout-v5"
+"""The demo's game: the one with a trained RL checkpoint shipped (agents/checkpoints/breakout.md), so the
+RL stream is an agent that plays, not a random network."""
 DEFAULT_AGENTS = (("rl-0", "rl", ()), ("vlm-0", "vlm", ("action", "reasoning")))
 STEP_HZ = 15  # frames per second of the default games (60 Hz / frameskip 4)
-ROI_COHERENCE = 0.8
-"""Share of a voxel's planted noise common to its ROI (the planted parts are wholly regional)."""
 TINY_INIT_STD = 0.12
 """Weight std of the participant's tiny VLM (``agents.tiny.TinyConfig.init_std``): content-dependent
 attention, so its action and reasoning prompts read different things from the frames. At the default
@@ -60,7 +61,7 @@ PLANTED_STREAMS = {"vlm-0__action": "action", "vlm-0__reasoning": "reasoning"}
 class ParticipantConfig:
     """Size and truth of a synthetic participant whose BOLD is planted on agent features."""
 
-    game: str = "ALE/Pong-v5"
+    game: str = DEMO_GAME
     runs: int = 4
     """Runs; the last one is held out (weights and the variance partition are fitted on the others)
     for the replay. Three training runs of 60 TRs bring the planted partition back with the right sign
@@ -166,7 +167,11 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
 
     # 3. BOLD planted on the VLM's action- and reasoning-prompt features
     progress("planting BOLD on the VLM features")
-    session, pattern = plant_bold(streams["vlm-0__action"], streams["vlm-0__reasoning"], cfg)
+    plant_cfg = synth.PlantedSessionConfig(tr=cfg.tr, voxel_mm=cfg.voxel_mm, pca=cfg.pca, noise=cfg.noise,
+                                           seed=cfg.seed, subject=cfg.subject,
+                                           task=cfg.game.split("/")[-1].split("-")[0].lower())
+    session, pattern = synth.planted_session(streams["vlm-0__action"], streams["vlm-0__reasoning"], plant_cfg)
+    pattern.streams = dict(PLANTED_STREAMS)
     progress(f"prompt conditions: {pattern.overlap.describe()}")
 
     def place_gamelog(dest: Path, _seconds: float, run_seed: int) -> Path:
@@ -231,36 +236,12 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
     return Participant.load(out)
 
 
-def plant_bold(features_a: list[np.ndarray], features_b: list[np.ndarray], cfg: ParticipantConfig):
-    """A SynthSession whose BOLD is planted on two real feature spaces (A = action, B = reasoning), and its truth.
-
-    Per ROI, a unique-A, a unique-B and a shared part with the fractions of ``encoders.plant.PLANT``
-    (``encoders.plant.plant``); returns (SynthSession, PlantedPattern).
-    """
-    from encoders import synth
-    from encoders.plant import plant
-
-    scfg = synth.SynthConfig(n_runs=len(features_a), n_trs=cfg.trs, tr=cfg.tr, voxel_mm=cfg.voxel_mm,
-                             seed=cfg.seed, subject=cfg.subject, task=cfg.game.split("/")[-1].split("-")[0].lower(),
-                             model="planted on agent features", space_dim=features_a[0].shape[1])
-    mask, affine = synth.brain_grid(cfg.voxel_mm)
-    atlas, roi_names = synth.roi_atlas(mask, affine)
-    planted = plant(features_a, features_b, atlas[mask], roi_names, pca=cfg.pca, delays=scfg.delays, tr=cfg.tr,
-                    coherence=ROI_COHERENCE, noise=cfg.noise, seed=cfg.seed)
-    planted.pattern.streams = dict(PLANTED_STREAMS)
-    baseline = np.random.default_rng(cfg.seed + 1).uniform(500, 1500, size=int(mask.sum()))
-    bold = [(baseline + 10.0 * y).astype(np.float32) for y in planted.y]
-    feats = {"action": [np.asarray(f, np.float32) for f in features_a],
-             "reasoning": [np.asarray(f, np.float32) for f in features_b]}
-    return synth.SynthSession(scfg, mask, affine, atlas, roi_names, bold, feats, planted.truth), planted.pattern
-
-
 def extraction_specs(model: str) -> dict:
-    """The default agents (``DEFAULT_AGENTS``) as offline extraction specs: agent id → pipelines.batch.AgentSpec."""
-    from pipelines.batch import AgentSpec
+    """The default agents (``DEFAULT_AGENTS``) as offline extraction specs: agent id → agents.spec.AgentSpec."""
+    from agents.spec import AgentSpec
 
-    return {"rl-0": AgentSpec(label="rl", kind="rl"),
-            "vlm-0": AgentSpec(label="vlm", kind="vlm", model=model, conditions=("action", "reasoning"),
+    return {"rl-0": AgentSpec("rl", "rl"),
+            "vlm-0": AgentSpec("vlm", "vlm", model=model, conditions=("action", "reasoning"),
                                poolings=("last_token",))}
 
 
@@ -318,13 +299,13 @@ class ClosedLoop:
 
     def __init__(self, p: Participant, out: Path, agents: list[tuple[str, str, tuple[str, ...]]],
                  progress: Callable[[str], None]):
-        from pipelines.closed_loop import AgentSpec
+        from agents.spec import AgentSpec
 
         self.p, self.out, self.progress = p, Path(out), progress
         self.out.mkdir(parents=True, exist_ok=True)
         self.frames, self.control, self.bold = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
         self.specs = [AgentSpec(agent_id, kind, role="observer", model=p.model if kind == "vlm" else "",
-                                conditions=list(conds) or ["action"], activations_endpoint=free_tcp_endpoint())
+                                conditions=tuple(conds) or ("action",), activations_endpoint=free_tcp_endpoint())
                       for agent_id, kind, conds in agents]
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -394,7 +375,7 @@ class ClosedLoop:
                 t.join(timeout=grace_s)
 
     def finish(self, run: str) -> dict:
-        from pipelines.closed_loop import _report
+        from pipelines.closed_loop import summarize_loop
 
         self.stop.set()
         summaries = self.agents.stop()
@@ -406,7 +387,7 @@ class ClosedLoop:
         (self.out / "latency.json").write_text(json.dumps(_latency_from_recording(self.out / "session.narec")))
         _copy_session_files(self.p, self.out)
         game = self.emulator.game.settings.game
-        agents = _report(self.specs, summaries, emu.duration_s if emu else 0.0, emu.steps if emu else 0, game, emu)
+        agents = summarize_loop(self.specs, summaries, emu.duration_s if emu else 0.0, emu.steps if emu else 0, game, emu)
         for entry in agents["agents"]:  # keep the first error messages, not only their count
             entry["error_samples"] = summaries.get(entry["agent_id"], {}).get("errors", [])[:3]
         recovery = _recovery_from_outputs(self.p, run, self.out, self.streams) if run != "live" else None
@@ -448,7 +429,7 @@ class LivePlan:
     """Whose fitted weights predict the BOLD (the same person, an earlier session)."""
     scanner_folder: Path
     out: Path
-    game: str = "ALE/Pong-v5"
+    game: str = DEMO_GAME
     duration_s: float = 120.0
     simulate: Path | None = None
     """A 4D NIfTI written into the folder at TR pace, with triggers (no scanner at hand)."""
@@ -521,6 +502,7 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
     import nibabel as nib
     from rich.progress import Progress
 
+    from encoders.score import ROI_MEAN, pearson_r
     from encoders.weights import EncodingWeights, roi_table
     from pipelines.batch import ExtractConfig, Job, run_job
 
@@ -550,9 +532,10 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
                     measured = np.asarray(img.dataobj[..., :n], dtype=np.float32)[w.mask].T
                     names, p_roi, m_roi = _roi_series(w, pred, measured)
                     series.setdefault(key, []).append((p_roi, m_roi))
-                    for roi, r in zip(names, _pearson_columns(p_roi, m_roi)):
+                    for roi, r in zip(names, pearson_r(m_roi.astype(np.float64), p_roi.astype(np.float64)).tolist()):
                         rows.append({"run": run_label, "agent": agent_id, "condition": res.meta[name]["condition"],
-                                     "roi": roi, "r": r, "n_trs": n})
+                                     "roi": roi, "kind": ROI_MEAN, "r": r, "n_trs": n,
+                                     "n_undefined": int(np.isnan(r))})
                 bar.advance(task)
     stem_rows: dict[str, list[dict]] = {}
     for row in rows:
@@ -608,11 +591,6 @@ def _roi_series(w, pred: np.ndarray, measured: np.ndarray) -> tuple[list[str], n
     table = roi_table(w)
     return ([name for name, _ in table], np.stack([pred[:, idx].mean(1) for _, idx in table], 1),
             np.stack([m[:, idx].mean(1) for _, idx in table], 1))
-
-
-def _pearson_columns(a: np.ndarray, b: np.ndarray) -> list[float]:
-    """Pearson r of each column pair of (T, R) arrays (nan where one is constant)."""
-    return [float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan") for x, y in zip(a.T, b.T)]
 
 
 def _recovery(p: Participant, runs: list[str], stream: str, rois: list[tuple[str, np.ndarray]],
@@ -700,7 +678,9 @@ def _write_tsv(path: Path, rows: list[dict]) -> None:
 
 
 def _read_scores(out: Path, streams: list[str]) -> dict[str, dict[str, float]]:
-    """Per stream, per ROI score (the encoding service's ROI-mean r, or the batch replay's r)."""
+    """Per stream, per ROI score: ``r`` of the ``roi_mean`` rows (encoding service or batch replay), mean over runs."""
+    from encoders.score import ROI_MEAN, mean_r
+
     scores: dict[str, dict[str, list[float]]] = {}
     for stem in streams:
         path = out / f"{stem}_scores.tsv"
@@ -708,10 +688,9 @@ def _read_scores(out: Path, streams: list[str]) -> dict[str, dict[str, float]]:
             continue
         with open(path) as f:
             for row in csv.DictReader(f, delimiter="\t"):
-                value = row.get("r_roi_mean") or row.get("r") or "nan"
-                scores.setdefault(stem, {}).setdefault(row["roi"], []).append(float(value))
-    return {s: {roi: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for roi, v in rois.items()}
-            for s, rois in scores.items()}
+                if row["kind"] == ROI_MEAN:
+                    scores.setdefault(stem, {}).setdefault(row["roi"], []).append(float(row["r"]))
+    return {s: {roi: mean_r(v)[0] for roi, v in rois.items()} for s, rois in scores.items()}
 
 
 def _finish(out: Path, run: str, streams: list[str], agents_summary: dict | None, encoder_reports: dict,

@@ -110,6 +110,9 @@ class EmulatorConfig:
     """CURVE keys; required when an endpoint is not loopback."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (None = off; 0 = any free port)."""
+    pooled_gray: bool = True
+    """Publish ``Frame.pooled_gray`` (what RL agents observe, as in training); False saves two ALE
+    grayscale reads per step where no RL agent watches (RL agents then fall back, with a warning)."""
 
 
 @dataclass
@@ -156,7 +159,8 @@ class Emulator:
                 raise ValueError("replay mode needs replay_path")
             self.source = read_recording(config.replay_path)
             settings = settings_from_header(self.source.header)
-        self.game = GameEnv(settings, self.source.header.frame_hash_algo if self.source else FRAME_HASH)
+        self.game = GameEnv(settings, self.source.header.frame_hash_algo if self.source else FRAME_HASH,
+                            pooled_gray=config.pooled_gray)
         if self.source is not None:
             check_replay_compatible(self.source, self.game)
         self.session_id = new_session_id()

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from encoders.align import TrAligner
+from encoders.score import ROI_MEAN, VOXEL_MEAN, RunningPearson, mean_r
 from encoders.stream import OnlinePredictor
 from encoders.weights import EncodingWeights, WeightsError, roi_table
 from protocols import Activation, BoldVolume, Prediction, Trigger
@@ -67,38 +68,6 @@ class CoreConfig:
     set it when the followed agent publishes several conditions/poolings on one socket."""
 
 
-class _Running:
-    """Streaming Pearson r over paired samples, element-wise (one per ROI or per voxel)."""
-
-    def __init__(self, n: int):
-        self.n = 0
-        self.sp = np.zeros(n)
-        self.sm = np.zeros(n)
-        self.spp = np.zeros(n)
-        self.smm = np.zeros(n)
-        self.spm = np.zeros(n)
-
-    def add(self, p: np.ndarray, m: np.ndarray) -> None:
-        p = np.asarray(p, dtype=np.float64)
-        m = np.asarray(m, dtype=np.float64)
-        self.n += 1
-        self.sp += p
-        self.sm += m
-        self.spp += p * p
-        self.smm += m * m
-        self.spm += p * m
-
-    def r(self) -> np.ndarray:
-        if self.n < 2:
-            return np.full(self.sp.shape, np.nan)
-        cov = self.spm - self.sp * self.sm / self.n
-        vp = self.spp - self.sp**2 / self.n
-        vm = self.smm - self.sm**2 / self.n
-        den = np.sqrt(np.clip(vp, 0, None) * np.clip(vm, 0, None))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(den > 0, cov / den, np.nan)
-
-
 class EncodingCore:
     """Per-TR encoding logic for one agent's feature stream(s) against one BOLD run."""
 
@@ -122,8 +91,8 @@ class EncodingCore:
         self.roi_measured: dict[int, np.ndarray] = {}
         self._pending_volumes: dict[int, np.ndarray] = {}
         self._scored: set[int] = set()
-        self.roi_scores = _Running(len(self.rois))
-        self.voxel_scores = _Running(weights.n_voxels)
+        self.roi_scores = RunningPearson(len(self.rois))
+        self.voxel_scores = RunningPearson(weights.n_voxels)
         self.errors: Counter[str] = Counter()
         self.first_error: dict[str, str] = {}
         self.ignored = 0
@@ -261,12 +230,18 @@ class EncodingCore:
             np.zeros((0, self.weights.n_voxels), dtype=np.float32)
 
     def scores_rows(self) -> list[dict]:
-        """Per ROI: running r of ROI means, mean of the per-voxel running r, voxel and TR counts."""
+        """Two score rows per ROI (``encoders.score``): ``kind`` roi_mean, the running r of the ROI-mean time
+        courses, and voxel_mean, the mean of the ROI's per-voxel running r; ``n_undefined`` counts the
+        series whose r is undefined (left out of the mean)."""
         voxel_r = self.voxel_scores.r()
         roi_r = self.roi_scores.r()
-        return [{"roi": name, "n_voxels": len(idx), "n_trs": self.roi_scores.n, "r_roi_mean": _finite(roi_r[i]),
-                 "mean_voxel_r": _finite(np.nanmean(voxel_r[idx])) if self.voxel_scores.n >= 2 else float("nan")}
-                for i, (name, idx) in enumerate(self.rois)]
+        rows = []
+        for i, (name, idx) in enumerate(self.rois):
+            mean, n_undefined = mean_r(voxel_r[idx])
+            common = {"roi": name, "n_voxels": len(idx), "n_trs": self.roi_scores.n}
+            rows.append({**common, "kind": ROI_MEAN, "r": _finite(roi_r[i]), "n_undefined": int(np.isnan(roi_r[i]))})
+            rows.append({**common, "kind": VOXEL_MEAN, "r": _finite(mean), "n_undefined": n_undefined})
+        return rows
 
     def write_outputs(self, out_dir: str | Path, stem: str = "encoding") -> tuple[Path, Path]:
         """Write ``<stem>_pred.nii.gz`` (4D, zeros outside the mask) and ``<stem>_scores.tsv``."""

@@ -5,10 +5,13 @@ and keeps a list of ``StreamEvent`` reports (partial file, late, missing, out-of
 
 * ``RecordedSource``: a BIDS run (4D NIfTI) replayed at TR pace from a chosen start time, or
   as fast as possible. Volume k is released at the END of TR k, when a scanner would have it.
-* ``FolderSource`` (live): watches a scanner export folder with watchdog; reads DICOM (Siemens
-  mosaics via pydicom + nibabel.nicom) and NIfTI volumes, each file only once complete: its
-  size has been stable for ``settle_s`` AND it parses. A file that stays unreadable is reported
-  as partial and skipped; gaps, late and out-of-order volumes are reported; the stream goes on.
+* ``FolderSource`` (live): watches a scanner export folder with watchdog; reads NIfTI volumes and
+  DICOM (``services.plumbing.dicom``): Siemens mosaics, enhanced multi-frame volumes (Siemens XA,
+  Philips) and single-slice series (GE, Philips, non-mosaic Siemens) assembled into volumes, each
+  file only once complete: its size has been stable for ``settle_s`` AND it parses. A file that
+  stays unreadable is reported as partial and skipped (read again if it changes later); a volume
+  missing slices, gaps, late and out-of-order volumes are reported; the stream goes on.
+  DICOM affines are converted from LPS to the NIfTI (RAS) convention.
 * ``SimulatedScanner``: writes the volumes of a 4D NIfTI into a folder at TR pace (what a
   scanner's export does) and publishes a Trigger at the start of every TR.
 
@@ -34,6 +37,7 @@ import numpy as np
 import zmq
 
 from protocols import BoldVolume, Trigger
+from services.plumbing.dicom import DicomReadError, SliceAssembler, dicom_seconds, read_dicom
 from services.plumbing.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
 from services.plumbing.transport import TOPIC_BOLD, TOPIC_TRIGGER, Channel, make_socket
 
@@ -62,7 +66,8 @@ class StreamEvent:
     """Something wrong with the stream that was reported and stepped over."""
 
     kind: str
-    """partial | unreadable | duplicate | out_of_order | late | missing | wrong_shape | unknown_index"""
+    """partial | unreadable | duplicate | out_of_order | late | missing | wrong_shape | wrong_geometry |
+    unknown_index | incomplete (a volume missing slices) | late_slice (a slice of a skipped volume)"""
     tr_index: int | None
     path: str
     detail: str
@@ -78,9 +83,11 @@ class VolumeReadError(Exception):
 def read_volume_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None, float | None]:
     """Read one volume file → (3D data, affine, TR index or None, acquisition time s or None).
 
-    DICOM: a Siemens mosaic (one file per volume); index = InstanceNumber − 1, time =
-    AcquisitionTime. NIfTI: a 3D image (or 4D with one volume); index = the last number in the
-    file name. Raises VolumeReadError for a partial/truncated/unsupported file.
+    DICOM: a Siemens mosaic or an enhanced multi-frame volume (one file per volume); index =
+    InstanceNumber − 1, time = AcquisitionTime; RAS affine. NIfTI: a 3D image (or 4D with one
+    volume); index = the last number in the file name. Raises VolumeReadError for a
+    partial/truncated/unsupported file, and for one slice of a single-slice series (FolderSource
+    assembles those).
     """
     path = Path(path)
     name = path.name.lower()
@@ -96,37 +103,24 @@ def read_volume_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | No
                 raise VolumeReadError(f"{path.name}: NIfTI of shape {data.shape} is not one 3D volume")
             numbers = re.findall(r"\d+", name.split(".")[0])
             return data, img.affine, (int(numbers[-1]) if numbers else None), None
-        import warnings
-
-        import pydicom
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # nicom warns that its readers are "experimental"
-            from nibabel.nicom import dicomwrappers
-
-            ds = pydicom.dcmread(str(path))
-            wrapper = dicomwrappers.wrapper_from_data(ds)
-            if not wrapper.is_mosaic and len(getattr(wrapper, "image_shape", ()) or ()) < 3:
-                raise VolumeReadError(f"{path.name}: single-slice DICOM (only mosaic / multi-frame volumes "
-                                      "are streamed)")
-            data = wrapper.get_data()
-        index = int(ds.InstanceNumber) - 1 if "InstanceNumber" in ds else None
-        return np.asarray(data), np.asarray(wrapper.affine), index, _dicom_seconds(ds.get("AcquisitionTime"))
+        f = read_dicom(path)
+        if f.slice is not None:
+            raise VolumeReadError(f"{path.name}: one slice of a single-slice series (FolderSource assembles "
+                                  "these into volumes)")
+        if len(f.volumes) != 1:
+            raise VolumeReadError(f"{path.name}: {len(f.volumes)} volumes in one file "
+                                  f"{[p for _, p in f.problems]}")
+        v = f.volumes[0]
+        return v.data, v.affine, v.index, v.acq_time_s
     except VolumeReadError:
         raise
+    except DicomReadError as e:
+        raise VolumeReadError(str(e)) from None
     except Exception as e:  # nibabel/pydicom raise many types for short or damaged files
         raise VolumeReadError(f"{path.name}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def _dicom_seconds(tm) -> float | None:
-    """DICOM TM 'HHMMSS.ffffff' → seconds since midnight."""
-    if not tm:
-        return None
-    tm = str(tm)
-    try:
-        return int(tm[0:2]) * 3600 + int(tm[2:4]) * 60 + float(tm[4:] or 0)
-    except ValueError:
-        return None
+_dicom_seconds = dicom_seconds  # DICOM TM → seconds since midnight (kept for old imports)
 
 
 # --- sequence bookkeeping shared by the live source -------------------------------------------
@@ -158,7 +152,7 @@ class SequenceTracker:
             self.gaps.pop(index, None)
             self.report("out_of_order", index, path, f"arrived after volume {self.highest}")
         for gap in range(self.highest + 1, index):
-            if gap not in self.received:
+            if gap not in self.received and gap not in self.missing:
                 self.gaps.setdefault(gap, now)
         self.highest = max(self.highest, index)
         return True
@@ -170,6 +164,13 @@ class SequenceTracker:
                 del self.gaps[gap]
                 self.missing.add(gap)
                 self.report("missing", gap, "", f"not received {self.missing_after_s:.1f} s after a later volume")
+
+    def give_up(self, kind: str, index: int, path: str, detail: str) -> None:
+        """A volume that will never be delivered (e.g. missing slices): missing now, reported as ``kind``."""
+        self.gaps.pop(index, None)
+        if index not in self.received:
+            self.missing.add(index)
+        self.report(kind, index, path, detail)
 
     def report(self, kind: str, index: int | None, path: str, detail: str) -> None:
         """Record and log one stream event (the live source reports unreadable files here too)."""
@@ -232,15 +233,22 @@ class FolderSource:
     def __init__(self, folder: str | Path, *, tr: float = 2.0, run: str = "live", settle_s: float = 0.1,
                  partial_timeout_s: float | None = None, missing_after_s: float | None = None,
                  expected_shape: tuple[int, ...] | None = None, n_volumes: int | None = None,
-                 idle_timeout_s: float | None = None, stop: threading.Event | None = None):
+                 idle_timeout_s: float | None = None, stop: threading.Event | None = None,
+                 incomplete_after_s: float | None = None, slices_per_volume: int | None = None):
         """
         settle_s: a file's size must be unchanged this long before it is parsed.
         partial_timeout_s: a file still unreadable this long after its last change is reported
-            partial and skipped (default 2 TR).
+            partial and skipped (default 2 TR); it is read again if it changes afterwards.
         missing_after_s: a gap becomes "missing" this long after a later volume arrived (default 1.5 TR).
-        expected_shape: volumes of another shape are reported and skipped (default: the first's).
+        expected_shape: volumes of another shape are reported and skipped (default: the first's);
+            so are volumes of other voxel sizes than the first's ("wrong_geometry").
         n_volumes: stop after this many TR indices were delivered or declared missing.
         idle_timeout_s: stop when no new file event for this long (None = run until ``stop``).
+        incomplete_after_s: single-slice DICOM series: a volume still missing slices this long after
+            its last slice arrived is reported "incomplete" and skipped (default: the larger of
+            ``partial_timeout_s`` and ``missing_after_s``).
+        slices_per_volume: single-slice series: slices per volume, when the files cannot tell
+            (see ``services.plumbing.dicom.SliceAssembler``).
         """
         self.folder = Path(folder)
         self.tr = tr
@@ -253,6 +261,12 @@ class FolderSource:
         self.idle_timeout_s = idle_timeout_s
         self.stop = stop or threading.Event()
         self.done_paths: set[str] = set()
+        self.gave_up: dict[str, tuple[int, int]] = {}
+        """Path → (size, mtime_ns) of files skipped as unreadable: read again if they change."""
+        self.assembler = SliceAssembler(
+            max(self.partial_timeout_s, self.tracker.missing_after_s) if incomplete_after_s is None
+            else incomplete_after_s, slices_per_volume)
+        self.expected_zooms: np.ndarray | None = None
         self._t0_acq: float | None = None
 
     @property
@@ -286,45 +300,103 @@ class FolderSource:
                 except queue.Empty:
                     new = []
                 for p in new:
+                    if p in self.gave_up and self._changed_since_given_up(p):
+                        self.done_paths.discard(p)  # a skipped file written further: read it again
                     if p not in self.done_paths and p.lower().endswith(VOLUME_SUFFIXES):
                         pending.setdefault(p, (-1, time.monotonic(), time.monotonic()))
                         last_event = time.monotonic()
                 now = time.monotonic()
                 for p in sorted(pending):
-                    vol = self._try_read(p, pending, now)
-                    if vol is not None:
-                        yield vol
+                    yield from self._try_read(p, pending, now)
+                for ev in self.assembler.poll(now):
+                    self._assembly_event(ev)
                 self.tracker.check(now)
-                if self.idle_timeout_s is not None and not pending and now - last_event > self.idle_timeout_s:
+                if (self.idle_timeout_s is not None and not pending and not self.assembler.waiting
+                        and now - last_event > self.idle_timeout_s):
                     break
         finally:
             observer.stop()
             observer.join(timeout=5)
-            self.tracker.check(time.monotonic(), final=self.n_volumes is None or self._finished())
+            final = self.n_volumes is None or self._finished()
+            if final:
+                for ev in self.assembler.poll(time.monotonic(), final=True):
+                    self._assembly_event(ev)
+            self.tracker.check(time.monotonic(), final=final)
 
-    def _try_read(self, p: str, pending: dict, now: float) -> ScanVolume | None:
+    def _changed_since_given_up(self, p: str) -> bool:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return False
+        if (st.st_size, st.st_mtime_ns) == self.gave_up[p]:
+            return False
+        del self.gave_up[p]
+        return True
+
+    def _assembly_event(self, ev) -> None:
+        if ev.skipped and ev.index is not None:
+            self.tracker.give_up(ev.kind, ev.index, ev.path, ev.detail)
+        else:
+            self.tracker.report(ev.kind, ev.index, ev.path, ev.detail)
+
+    def _try_read(self, p: str, pending: dict, now: float) -> list[ScanVolume]:
         size0, changed_at, _ = pending[p]
         try:
             size = os.path.getsize(p)
         except OSError:
             del pending[p]  # vanished (e.g. a temporary file renamed away)
-            return None
+            return []
         if size != size0:
             pending[p] = (size, now, pending[p][2])
-            return None
+            return []
         if now - changed_at < self.settle_s:
-            return None
+            return []
         try:
-            data, affine, index, acq = read_volume_file(p)
-        except VolumeReadError as e:
-            if now - changed_at >= self.partial_timeout_s:
-                del pending[p]
-                self.done_paths.add(p)
-                self.tracker.report("partial", None, p, f"unreadable {self.partial_timeout_s:.1f} s after its "
-                                    f"last change, skipped: {e}")
-            return None
+            if p.lower().endswith((".nii", ".nii.gz")):
+                vols = [(*read_volume_file(p), p)]
+                problems = []
+            else:
+                f = read_dicom(p)
+                vols = [(v.data, v.affine, v.index, v.acq_time_s, v.path) for v in f.volumes]
+                problems = f.problems
+                if f.slice is not None:
+                    assembled, events = self.assembler.add(f.slice, now)
+                    for ev in events:
+                        self._assembly_event(ev)
+                    vols = [(v.data, v.affine, v.index, v.acq_time_s, v.path) for v in assembled]
+        except (VolumeReadError, DicomReadError) as e:
+            if not getattr(e, "retry", True):
+                self._skip(p, pending, "unreadable", str(e))
+            elif now - changed_at >= self.partial_timeout_s:
+                self._skip(p, pending, "partial", f"unreadable {self.partial_timeout_s:.1f} s after its last "
+                           f"change, skipped: {e}")
+            return []
         del pending[p]
         self.done_paths.add(p)
+        for index, detail in problems:
+            if index is None:
+                self.tracker.report("incomplete", None, p, detail)
+            else:
+                self.tracker.give_up("incomplete", index, p, detail)
+        out = []
+        for data, affine, index, acq, path in vols:
+            vol = self._deliver(data, affine, index, acq, path, now)
+            if vol is not None:
+                out.append(vol)
+        return out
+
+    def _skip(self, p: str, pending: dict, kind: str, detail: str) -> None:
+        del pending[p]
+        self.done_paths.add(p)
+        try:
+            st = os.stat(p)
+            self.gave_up[p] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+        self.tracker.report(kind, None, p, detail)
+
+    def _deliver(self, data, affine, index: int | None, acq: float | None, p: str, now: float) -> ScanVolume | None:
+        """Checks every volume passes, whatever its file format: index, shape, voxel size, sequence."""
         if index is None:
             self.tracker.report("unknown_index", None, p, "no TR index in the file (InstanceNumber / file name)")
             return None
@@ -332,6 +404,13 @@ class FolderSource:
             self.expected_shape = data.shape
         elif tuple(data.shape) != tuple(self.expected_shape):
             self.tracker.report("wrong_shape", index, p, f"shape {data.shape}, stream has {self.expected_shape}")
+            return None
+        zooms = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
+        if self.expected_zooms is None:
+            self.expected_zooms = zooms
+        elif not np.allclose(zooms, self.expected_zooms, rtol=1e-3, atol=1e-3):
+            self.tracker.report("wrong_geometry", index, p, f"voxel size {np.round(zooms, 3).tolist()} mm, stream "
+                                f"has {np.round(self.expected_zooms, 3).tolist()} mm")
             return None
         if not self.tracker.accept(index, p, now):
             return None

@@ -1,4 +1,4 @@
-"""Shared fixtures: a real emulator on loopback with ephemeral ports, run in a thread."""
+"""Shared fixtures: a real emulator on loopback with ephemeral ports, run in a thread; one synthetic participant."""
 
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ class RunningEmulator:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "emulator did not stop"
         return self.summary
+
+
+@pytest.fixture(scope="session")
+def participant(tmp_path_factory):
+    """ONE synthetic participant per test session (``pipelines.session.make_participant``), shared by
+    tests/test_session.py (whose known-answer tests rely on runs=4, trs=60) and tests/test_dashboard.py.
+    Building it takes minutes on a loaded 2-core machine."""
+    from pipelines.session import ParticipantConfig, make_participant
+
+    return make_participant(tmp_path_factory.mktemp("participant"), ParticipantConfig(runs=4, trs=60),
+                            progress=lambda m: None)
 
 
 @pytest.fixture

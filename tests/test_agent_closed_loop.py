@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.closed_loop import run_closed_loop
+from pipelines.closed_loop import LoopConfig, run_closed_loop
 
 
 @pytest.mark.slow
 def test_closed_loop_reports_decisions_and_activations_per_agent_and_condition():
     # 4 s, then as long as it takes for every agent to have 3 actions accepted (a VLM decision sends one
     # per condition): a count, so that a loaded machine slowing the models cannot leave one at 0 decisions
-    summary = run_closed_loop(duration_s=4.0, min_actions=3)
+    summary = run_closed_loop(LoopConfig(duration_s=4.0, min_actions=3))
     entries = {(e["agent_id"], e["condition"]): e for e in summary["agents"]}
     assert set(entries) == {("rl-0", ""), ("vlm-0", "action"), ("vlm-0", "reasoning")}, summary["agents"]
     for key, e in entries.items():

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.batch import (
-    MANIFEST, AgentSpec, ExtractConfig, ReplayError, plan_jobs, run_batch, run_job,
-)
+from agents.spec import AgentSpec
+from pipelines.batch import MANIFEST, ExtractConfig, ReplayError, plan_jobs, run_batch, run_job
 from services.emulator import record_headless
 from services.plumbing.game import GameSettings
 from services.plumbing.recording import MAGIC, Step, iter_records, read_recording
@@ -99,12 +98,13 @@ def test_ray_gives_exactly_the_sequential_features(recordings, tiny_vlm, local_r
 def test_features_follow_the_live_alignment_rule(recordings, tmp_path):
     """Row t = mean of the decisions whose frame was shown in [trigger t, trigger t+1), as the live encoder does."""
     from agents.base import Observation
-    from pipelines.batch import build_agent, replay_frames
+    from agents.spec import build_agent
+    from pipelines.batch import job_agent, replay_frames
 
     job = plan_jobs(recordings[:1], [AgentSpec.parse("rl")], ExtractConfig())[0]
     result = run_job(job)
     rec = read_recording(recordings[0])
-    agent = build_agent(job.agent, rec.header.game, job.cfg)
+    agent = build_agent(job_agent(job, rec.header.game))
     triggers = np.array(sorted(t.t_ns for t in rec.triggers))
     by_tr: dict[int, list[np.ndarray]] = {}
     for frame in replay_frames(rec):
@@ -188,9 +188,9 @@ def test_changed_settings_or_recording_are_recomputed(recordings, tmp_path):
 
 
 def test_agent_specs_are_parsed_or_refused_clearly():
-    assert AgentSpec.parse("rl").label == "rl"
+    assert AgentSpec.parse("rl").agent_id == "rl"
     s = AgentSpec.parse("lam=vlm:/models/ui-tars", conditions=("none",))
-    assert (s.label, s.kind, s.model, s.conditions) == ("lam", "vlm", "/models/ui-tars", ("none",))
+    assert (s.agent_id, s.kind, s.model, s.conditions) == ("lam", "vlm", "/models/ui-tars", ("none",))
     with pytest.raises(ValueError, match="kind must be"):
         AgentSpec.parse("gpt:x")
     with pytest.raises(ValueError, match="needs a model"):
@@ -251,8 +251,9 @@ def test_fit_subjects_command(tmp_path):
 
 def test_vlm_specs_can_name_a_vllm_server():
     s = AgentSpec.parse("qwen=vlm:Qwen/Qwen2.5-VL-7B-Instruct@http://vllm-vlm:8000", transport="shm")
-    assert (s.label, s.model, s.server, s.transport) == ("qwen", "Qwen/Qwen2.5-VL-7B-Instruct", "http://vllm-vlm:8000",
-                                                         "shm")
-    assert AgentSpec.parse("vlm:/m", transport="shm").transport == "rpc"  # irrelevant without a server
+    assert (s.agent_id, s.model, s.vllm_url, s.vllm_transport) == ("qwen", "Qwen/Qwen2.5-VL-7B-Instruct",
+                                                                    "http://vllm-vlm:8000", "shm")
+    assert s.backend == "vllm" and AgentSpec.parse("vlm:/m").backend == "transformers"
+    assert AgentSpec.parse("vlm:/m", transport="shm").vllm_transport == "rpc"  # irrelevant without a server
     with pytest.raises(ValueError, match="@SERVER is for vlm"):
         AgentSpec.parse("rl:ckpt@http://x:1")

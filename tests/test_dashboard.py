@@ -1,13 +1,20 @@
-"""Live dashboard: a real emulator, real ZMQ publishers, the real web server, a real headless Chromium.
+"""Live dashboard: the real web server, a real headless Chromium, and for the page test the real services.
 
-The publishers in these tests (scanner triggers/volumes, an agent's activations/decisions, an
-encoder's predictions) are real ZMQ clients of the dashboard sending protocol messages on
-loopback; the emulator is the real one, and keyboard play goes through the page's key events.
+The browser test runs the scanner-side live session (``pipelines.session.run_live``): a realtime
+emulator whose controller is the dashboard's keyboard, the RL agent and the tiny VLM in their own
+processes, a simulated scanner writing a synthetic participant's volumes into an export folder with
+triggers, the folder watcher and one encoding service per stream. Keyboard play goes through the
+page's key events and is checked in the emulator's recording. The screenshot goes to the test's
+temporary folder; ``make docs-dashboard`` (NEUROARCADE_SCREENSHOT) also copies it to docs/dashboard.png.
+The other tests feed the dashboard from real ZMQ publishers on loopback.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import threading
 import time
 import urllib.error
@@ -15,16 +22,13 @@ import urllib.request
 from pathlib import Path
 
 import msgspec
-import numpy as np
 import pytest
 import zmq
 
-from protocols import Action, Activation, BoldVolume, Prediction, Trigger
+from protocols import Prediction
 from services.dashboard import Dashboard, DashboardConfig, action_for_keys, check_access
 from services.plumbing.recording import read_recording
-from services.plumbing.transport import (
-    TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_PREDICTION, TOPIC_TRIGGER, Channel, free_tcp_endpoint, make_socket,
-)
+from services.plumbing.transport import TOPIC_PREDICTION, Channel, free_tcp_endpoint, make_socket
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -91,98 +95,6 @@ def test_token_guards_every_route():
         dash.stop()
 
 
-class FakeScannerEncoderAgent:
-    """Real ZMQ publishers of the three upstream streams the dashboard shows, paced at a short TR.
-
-    Per TR: a Trigger and a BoldVolume (scanner), an Activation and an Action per condition
-    (agent), and per condition a Prediction whose measured ROI means follow a slow signal and
-    whose predicted means are that signal mixed with noise at a planted strength per ROI.
-    """
-
-    def __init__(self, roi_names: list[str], frames_endpoint: str, tr_s: float = 0.25):
-        self.ctx = zmq.Context.instance()
-        self.frames = make_socket(self.ctx, zmq.SUB, hwm=4)
-        self.frames.setsockopt(zmq.SUBSCRIBE, b"frame")
-        self.frames.connect(frames_endpoint)
-        self.endpoints = {k: free_tcp_endpoint() for k in ("scanner", "agent", "encoder")}
-        self.socks = {k: Channel(make_socket(self.ctx, zmq.PUB)) for k in self.endpoints}
-        for k, ch in self.socks.items():
-            ch.sock.bind(self.endpoints[k])
-        self.roi_names = ["all", *roi_names]
-        self.tr_s = tr_s
-        self.stop_event = threading.Event()
-        self.trs_sent = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self.stop_event.set()
-        self.thread.join(5)
-        for ch in self.socks.values():
-            ch.sock.close(linger=0)
-        self.frames.close(linger=0)
-
-    def _newest_frame(self, seq: int, t_ns: int) -> tuple[int, int]:
-        """The agent decides on the newest emulator frame (seq and emulator time stamp)."""
-        while True:
-            try:
-                parts = self.frames.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return seq, t_ns
-            header = msgspec.msgpack.decode(parts[1])
-            seq, t_ns = header["seq"], header["t_ns"]
-
-    def _run(self):
-        rng = np.random.default_rng(0)
-        n = len(self.roi_names)
-        strength = {"action": np.linspace(0.9, 0.2, n), "reasoning": np.linspace(0.3, 0.8, n)}
-        hist = {c: ([], []) for c in strength}
-        t, seq, frame_t_ns = 0, 0, time.monotonic_ns()
-        while not self.stop_event.is_set():
-            now = time.monotonic_ns()
-            seq, frame_t_ns = self._newest_frame(seq, frame_t_ns)
-            self.socks["scanner"].send(Trigger(tr_index=t, t_ns=now, source="test-scanner"), topic=TOPIC_TRIGGER)
-            self.socks["scanner"].send(BoldVolume(run="run-1", tr_index=t, acq_time_s=t * self.tr_s, t_ns=now,
-                                                  affine=[float(x) for x in np.eye(4).ravel()], data=np.zeros((4, 5, 3), np.float32),
-                                                  source="simulated"), topic=TOPIC_BOLD)
-            measured = np.sin(t / 3.0 + np.arange(n)) + 0.3 * rng.standard_normal(n)
-            for cond, rho in strength.items():
-                self.socks["agent"].send(Activation(
-                    agent_id="vlm-0", model="tiny-qwen2.5-vl", condition=cond, layers=[0, 1, 2], pooling="last_token",
-                    frame_seqs=[seq], t_ns=now + int(30e6), vectors=np.zeros((3, 64), np.float32), frame_t_ns=frame_t_ns),
-                    topic=TOPIC_ACTIVATION)
-                probs = rng.dirichlet(np.ones(6))
-                self.socks["agent"].send(Action(agent_id="vlm-0", frame_seq=seq, action=int(probs.argmax()),
-                                                probs=[float(p) for p in probs], condition=cond,
-                                                latency_ns=int(40e6 + 5e6 * rng.random())), topic=b"action")
-                predicted = rho * measured + np.sqrt(1 - rho**2) * rng.standard_normal(n)
-                hist[cond][0].append(predicted)
-                hist[cond][1].append(measured)
-                p, m = np.array(hist[cond][0]), np.array(hist[cond][1])
-                scores = [float(np.corrcoef(p[:, i], m[:, i])[0, 1]) if len(p) > 2 else float("nan") for i in range(n)]
-                self.socks["encoder"].send(Prediction(
-                    agent_id="vlm-0", condition=cond, tr_index=t, t_ns=now, roi_names=self.roi_names,
-                    roi_predicted=[float(x) for x in predicted], roi_measured=[float(x) for x in measured],
-                    roi_scores=scores), topic=TOPIC_PREDICTION)
-            self.trs_sent = t = t + 1
-            self.stop_event.wait(self.tr_s)
-
-
-@pytest.fixture
-def atlas_files(tmp_path: Path):
-    import nibabel as nib
-
-    from encoders.synth import brain_grid, roi_atlas
-
-    mask, affine = brain_grid(6.0)
-    labels, names = roi_atlas(mask, affine)
-    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "atlas.nii.gz")
-    (tmp_path / "atlas_labels.tsv").write_text("index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in names.items()))
-    return tmp_path / "atlas.nii.gz", tmp_path / "atlas_labels.tsv", list(names.values())
-
-
 def _wait_for(fn, timeout_s: float, what: str):
     t_end = time.monotonic() + timeout_s
     while time.monotonic() < t_end:
@@ -193,63 +105,123 @@ def _wait_for(fn, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+LIVE_S = 50.0
+"""How long the live session plays once every agent has joined: the page checks run inside that window."""
+SCREENSHOT_ENV = "NEUROARCADE_SCREENSHOT"
+"""Set to a path (``make docs-dashboard``: docs/dashboard.png) to also copy the page's screenshot there."""
+
+
+class LiveSession:
+    """``pipelines.session.run_live`` in a thread (it blocks for the session); ``url`` once the dashboard serves."""
+
+    def __init__(self, plan_kw: dict, participant, out: Path):
+        from pipelines.session import LivePlan
+
+        self.url: str | None = None
+        self.summary: dict | None = None
+        self.error: BaseException | None = None
+        self.plan = LivePlan(participant, out / "export", out / "live", on_dashboard=self._on_url, **plan_kw)
+        self.thread = threading.Thread(target=self._run, name="run-live", daemon=True)
+        self.thread.start()
+
+    def _on_url(self, url: str) -> None:
+        self.url = url
+
+    def _run(self) -> None:
+        from pipelines.session import run_live
+
+        try:
+            self.summary = run_live(self.plan, progress=lambda m: None)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            self.error = e
+
+    def wait_url(self, timeout_s: float) -> str:
+        _wait_for(lambda: self.url or not self.thread.is_alive(), timeout_s, "the live session's dashboard")
+        if self.error is not None:
+            raise self.error
+        assert self.url, "run_live ended without serving the dashboard"
+        return self.url
+
+    def join(self, timeout_s: float) -> dict:
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), f"run_live did not end within {timeout_s} s"
+        if self.error is not None:
+            raise self.error
+        return self.summary
+
+
+def _agent_latencies(page) -> dict[str, list[str]]:
+    """Agent id → the latency text of each of its prompt conditions, as the Agents panel shows them."""
+    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#agents .agent')].map((a) => [
+        a.querySelector('.name').textContent,
+        [...a.querySelectorAll('.cond .meta span')].filter((s) => s.textContent.startsWith('latency'))
+            .map((s) => s.querySelector('b').textContent)]))""")
+
+
+def _decided_with_latency(page) -> bool:
+    lat = _agent_latencies(page)
+    return (len(lat.get("rl-0", [])) == 1 and len(lat.get("vlm-0", [])) == 2  # RL: policy; VLM: action, reasoning
+            and all(re.fullmatch(r"\d+(\.\d+)?", x) for x in lat["rl-0"] + lat["vlm-0"]))
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent: apt-get install chromium "
                                                          "(see docs/dashboard.md)")
 @pytest.mark.slow
-def test_dashboard_in_headless_chromium(start_emulator, atlas_files):
+@pytest.mark.timeout(1200)  # the shared participant (when this test builds it), agent start-up, the session
+def test_dashboard_in_headless_chromium(participant, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    atlas, atlas_labels, roi_names = atlas_files
-    emu = start_emulator(game="ALE/Pong-v5", mode="realtime")
-    upstream = FakeScannerEncoderAgent(roi_names, emu.cfg.frames_endpoint)
-    cfg = DashboardConfig(frames=emu.cfg.frames_endpoint, control=emu.cfg.control_endpoint,
-                          activations=[upstream.endpoints["agent"]], bold=[upstream.endpoints["scanner"]],
-                          predictions=[upstream.endpoints["encoder"]], port=_port(), play=True,
-                          atlas=str(atlas), atlas_labels=str(atlas_labels), max_fps=20)
-    dash = Dashboard(cfg)
-    dash.start()
-    upstream.start()
+    live = LiveSession(dict(duration_s=LIVE_S, simulate=participant.runs[-1]["bold"], dashboard_port=_port()),
+                       participant, tmp_path)
+    shot = tmp_path / "dashboard.png"
     try:
+        url = live.wait_url(120)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1500, "height": 1180})
-            page.goto(dash.url)
+            page.goto(url)
             seq = lambda: int(page.get_attribute("#frame-seq", "data-seq"))  # noqa: E731
             points = lambda: int(page.get_attribute("#roi-points", "data-points"))  # noqa: E731
 
-            first = _wait_for(lambda: seq() >= 0 and seq() + 1, 15, "a first frame on the page") - 1
-            _wait_for(lambda: seq() >= first + 10, 10, "frames to advance on the page")
-            p0 = _wait_for(points, 15, "ROI time-course points")
-            _wait_for(lambda: points() > p0, 10, "the ROI chart to update")
-            _wait_for(lambda: page.text_content("#agents").count("latency") >= 2, 10, "agent decisions")
-            assert "RIGHT" in page.text_content("#frame-action") or "by" in page.text_content("#frame-action")
-            assert page.text_content("#tr-index").startswith("TR ")
+            # the emulator starts once both agent processes and the dashboard have joined (model loads: slow)
+            first = _wait_for(lambda: seq() >= 0 and seq() + 1, 240, "a first frame on the page") - 1
+            _wait_for(lambda: seq() >= first + 10, 30, "frames to advance on the page")
 
-            # keyboard play: the dashboard is the controller "human"; up arrow = RIGHT in Pong, space = FIRE
-            _wait_for(lambda: "you control" in page.text_content("#play-role"), 10, "the controller role")
+            # keyboard play: the dashboard is the controller "human"; in Breakout (NOOP, FIRE, RIGHT, LEFT)
+            # the right arrow is RIGHT and space is FIRE (services.dashboard.action_for_keys)
+            _wait_for(lambda: "you control" in page.text_content("#play-role"), 30, "the controller role")
             page.click("#game")
-            page.keyboard.down("ArrowUp")
-            _wait_for(lambda: page.text_content("#play-action") == "RIGHT", 5, "RIGHT to be the played action")
-            time.sleep(0.5)
-            page.keyboard.up("ArrowUp")
-            page.keyboard.down(" ")
-            _wait_for(lambda: page.text_content("#play-action") == "FIRE", 5, "FIRE to be the played action")
-            time.sleep(0.5)
-            page.keyboard.up(" ")
-            time.sleep(0.6)  # several TRs: the time courses fill in a little more for the screenshot
-            out = REPO / "docs" / "dashboard.png"
-            out.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(out), full_page=True)
+            for key, action in (("ArrowRight", "RIGHT"), (" ", "FIRE")):
+                page.keyboard.down(key)
+                _wait_for(lambda: page.text_content("#play-action") == action, 15, f"{action} to be the played action")
+                _wait_for(lambda: page.text_content("#frame-action") == f"{action} by human", 15,
+                          f"a frame the emulator stepped with the human's {action}")
+                page.keyboard.up(key)
+
+            # the real agents' decisions: RL policy and both VLM prompt conditions, each with its latency in ms
+            _wait_for(lambda: _decided_with_latency(page), 60, "decisions with latency from rl-0 and vlm-0")
+            # the scanner's triggers reach the page's TR clock
+            _wait_for(lambda: re.fullmatch(r"TR \d+", page.text_content("#tr-index")), 30, "a TR index")
+            # the encoders' predictions: ROI time courses appear, then grow as TRs close
+            p0 = _wait_for(points, 60, "ROI time-course points")
+            _wait_for(lambda: points() > p0, 30, "the ROI chart to update")
+            page.screenshot(path=str(shot), full_page=True)
             browser.close()
-    finally:
-        upstream.stop()
-        dash.stop()
-    emu.stop()
-    rec = read_recording(emu.cfg.record_path)
+    finally:  # run_live cannot be stopped early: it ends with its session, then writes a report
+        live.thread.join(LIVE_S + 600)
+    live.join(0)
+    assert shot.stat().st_size > 20_000
+    if os.environ.get(SCREENSHOT_ENV):  # `make docs-dashboard`
+        dest = Path(os.environ[SCREENSHOT_ENV])
+        dest = dest if dest.is_absolute() else REPO / dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, dest)
+    rec = read_recording(live.plan.out / "session.narec")
+    meanings = rec.header.action_meanings
+    assert meanings == BREAKOUT, meanings
     by_human = [s.action for s in rec.steps if s.controller == "human"]
-    assert PONG.index("RIGHT") in by_human, "the emulator never applied the browser's up arrow"
-    assert PONG.index("FIRE") in by_human, "the emulator never applied the browser's space bar"
-    assert out.stat().st_size > 20_000
+    assert meanings.index("RIGHT") in by_human, "the emulator never applied the browser's right arrow"
+    assert meanings.index("FIRE") in by_human, "the emulator never applied the browser's space bar"
 
 
 def test_subscriber_keeps_bounded_newest_state_and_survives_bad_messages():

@@ -248,3 +248,23 @@ def test_replay_re_emits_scanner_triggers_at_the_same_game_time(start_emulator, 
     # The last TR has no next trigger: it is closed one median TR after its own (0.2 s at speed 10), so a
     # stall on a loaded machine can push its frames past that inferred end: in order, a prefix of them.
     assert got_trs[-1] == want[-1][:len(got_trs[-1])]
+
+
+def test_replay_serve_command_serves_the_whole_recording_bit_exactly(tmp_path, monkeypatch):
+    """`neuroarcade replay X --serve` runs a replay session from the recording's own header."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from neuroarcade.cli import app
+    from services.plumbing.transport import free_tcp_endpoint
+
+    monkeypatch.chdir(tmp_path)  # the replay session's own recording goes under ./runs
+    rec = tmp_path / "r.narec"
+    assert CliRunner().invoke(app, ["record", "--game", "ALE/Breakout-v5", "--steps", "40", "--out", str(rec)]).exit_code == 0
+    res = CliRunner().invoke(app, ["replay", str(rec), "--serve", "--speed", "0", "--frames", free_tcp_endpoint(),
+                                   "--control", free_tcp_endpoint()])
+    assert res.exit_code == 0, res.output
+    summary = _json.loads(res.output.strip().splitlines()[-1])
+    assert (summary["mode"], summary["steps"], summary["hash_mismatches"]) == ("replay", 40, 0)
+    assert "ALE/Breakout-v5" in res.output  # the game came from the recording, not the command's default

@@ -264,7 +264,7 @@ def test_agent_frames_path_gameclient(start_emulator, corpus):
     client = GameClient("fuzzed-agent", frames_endpoint=ep, control_endpoint=emu.cfg.control_endpoint, ctx=ctx)
     client.join(timeout_s=10)
     _subscribed(pub)
-    rejected = client._sub_channel.counters
+    rejected = client.counters  # shared by its frame and control channels
 
     def send(batch):
         # One at a time: next_frame decodes only the newest queued message (keep-latest), so each

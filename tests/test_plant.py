@@ -73,3 +73,17 @@ def test_recovery_rows_round_trip(tmp_path):
     back = read_rows(write_rows(tmp_path / "recovery.tsv", rows), Recovery)
     assert back[0] == rows[0] and back[1].stream == "rl-0__policy" and np.isnan(back[1].planted_r)
     assert back[0].above_chance and not back[1].above_chance
+
+
+def test_planted_session_is_plant_on_the_brain_grid(spaces):
+    a, b = spaces
+    cfg = synth.PlantedSessionConfig(voxel_mm=20.0, seed=2, task="breakout")
+    session, pattern = synth.planted_session(a, b, cfg)
+    again, _ = synth.planted_session(a, b, cfg)
+    assert all(np.array_equal(x, y) for x, y in zip(session.bold, again.bold))  # deterministic given the seed
+    planted = plant(a, b, session.atlas[session.mask], session.roi_names, pca=cfg.pca, delays=session.cfg.delays,
+                    tr=cfg.tr, coherence=cfg.coherence, noise=cfg.noise, seed=cfg.seed)
+    baseline = np.random.default_rng(cfg.seed + 1).uniform(500, 1500, size=int(session.mask.sum()))
+    assert all(np.array_equal(x, (baseline + 10.0 * y).astype(np.float32)) for x, y in zip(session.bold, planted.y))
+    assert pattern == planted.pattern and session.truth.keys() == planted.truth.keys()
+    assert (session.cfg.n_runs, session.cfg.n_trs, session.cfg.task) == (len(a), len(a[0]), "breakout")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.report import load_run, write_report
+from pipelines.report import headline_scores, load_run, write_report
 
 ROIS = {1: "visual", 2: "motor", 3: "prefrontal"}
 
@@ -42,12 +42,16 @@ def make_run_dir(tmp_path: Path) -> Path:
     nib.save(nib.Nifti1Image(labels.reshape(shape), affine), run / "atlas.nii.gz")
     _write_tsv(run / "atlas_labels.tsv", ["index", "name"], [[k, v] for k, v in ROIS.items()])
     # per-stream tables as the encoding service writes them, one per agent × prompt condition
-    _write_tsv(run / "encoding" / "vlm-0__action_scores.tsv", ["roi", "n_voxels", "n_trs", "r_roi_mean", "mean_voxel_r"],
-               [["all", 900, 120, 0.412, 0.201], ["visual", 300, 120, 0.731, 0.402],
-                ["motor", 120, 120, 0.254, 0.111], ["prefrontal", 200, 120, 0.137, 0.05]])
-    _write_tsv(run / "encoding" / "vlm-0__reasoning_scores.tsv", ["roi", "n_voxels", "n_trs", "r_roi_mean", "mean_voxel_r"],
-               [["all", 900, 120, 0.388, 0.19], ["visual", 300, 120, 0.529, 0.3],
-                ["motor", 120, 120, 0.318, 0.12], ["prefrontal", 200, 120, 0.447, 0.21]])
+    # (a roi_mean and a voxel_mean row per ROI: the figures and tables show the roi_mean ones)
+    service_cols = ["roi", "n_voxels", "n_trs", "kind", "r", "n_undefined"]
+    _write_tsv(run / "encoding" / "vlm-0__action_scores.tsv", service_cols, [
+        [roi, n, 120, kind, r, 0] for roi, n, r_roi, r_vox in [
+            ("all", 900, 0.412, 0.201), ("visual", 300, 0.731, 0.402), ("motor", 120, 0.254, 0.111),
+            ("prefrontal", 200, 0.137, 0.05)] for kind, r in (("roi_mean", r_roi), ("voxel_mean", r_vox))])
+    _write_tsv(run / "encoding" / "vlm-0__reasoning_scores.tsv", service_cols, [
+        [roi, n, 120, kind, r, 0] for roi, n, r_roi, r_vox in [
+            ("all", 900, 0.388, 0.19), ("visual", 300, 0.529, 0.3), ("motor", 120, 0.318, 0.12),
+            ("prefrontal", 200, 0.447, 0.21)] for kind, r in (("voxel_mean", r_vox), ("roi_mean", r_roi))])
     # a long table for an RL baseline
     _write_tsv(run / "scores.tsv", ["agent", "condition", "roi", "r", "r2"],
                [["rl-0", "", "visual", 0.356, 0.127], ["rl-0", "", "motor", 0.093, 0.009],
@@ -70,9 +74,13 @@ def test_load_run_reads_every_input(run_dir: Path):
     data = load_run(run_dir)
     streams = {(r["agent"], r["condition"]) for r in data.scores}
     assert streams == {("vlm-0", "action"), ("vlm-0", "reasoning"), ("rl-0", "")}
-    assert {r["metric"] for r in data.scores} == {"r_roi_mean", "r"}
-    visual = next(r for r in data.scores if r["agent"] == "vlm-0" and r["condition"] == "action" and r["roi"] == "visual")
-    assert visual["score"] == pytest.approx(0.731) and visual["n_voxels"] == 300
+    assert {r["kind"] for r in data.scores} == {"roi_mean", "voxel_mean", ""}
+    visual = [r for r in data.scores if r["agent"] == "vlm-0" and r["condition"] == "action" and r["roi"] == "visual"]
+    assert {r["kind"]: r["r"] for r in visual} == {"roi_mean": pytest.approx(0.731), "voxel_mean": pytest.approx(0.402)}
+    assert visual[0]["n_voxels"] == 300
+    headline = headline_scores(data.scores)  # roi_mean wherever a stream has it, whichever row comes first
+    assert {(r["agent"], r["kind"]) for r in headline} == {("vlm-0", "roi_mean"), ("rl-0", "")}
+    assert len(headline) == 4 + 4 + 3
     assert [p["roi"] for p in data.partitions] == ["visual", "motor", "prefrontal"]
     assert data.partitions[2]["unique_reasoning"] == pytest.approx(0.083)
     assert data.atlas is not None and data.atlas_names == ROIS
@@ -98,9 +106,11 @@ def test_report_html_has_sections_images_and_numbers(run_dir: Path):
         assert f"<td>{number}</td>" in page, number
     assert "http://" not in page and "https://" not in page  # self-contained
     merged = (run_dir / "report_scores.tsv").read_text().splitlines()
-    assert merged[0].split("\t")[:5] == ["agent", "condition", "roi", "score", "metric"]
-    assert len(merged) == 1 + 4 + 4 + 3
-    assert any(line.startswith("vlm-0\treasoning\tprefrontal\t0.447\t") for line in merged)
+    assert merged[0].split("\t")[:5] == ["agent", "condition", "roi", "r", "kind"]
+    assert len(merged) == 1 + 8 + 8 + 3  # every row, both kinds
+    assert any(line.startswith("vlm-0\treasoning\tprefrontal\t0.447\troi_mean\t") for line in merged)
+    assert any(line.startswith("vlm-0\treasoning\tprefrontal\t0.21\tvoxel_mean\t") for line in merged)
+    assert "<td>0.402</td>" not in page  # the ROI table shows the headline kind only
     summary = json.loads((run_dir / "report.json").read_text())
     assert summary["latency_ms"]["rl-0"][""]["n"] == 300
     lat = np.array(json.loads((run_dir / "latency.json").read_text())["vlm-0"]["action"])

@@ -21,18 +21,13 @@ import pytest
 from scipy.stats import spearmanr
 
 from encoders.plant import PLANT, PartitionRow, Recovery, read_rows
-from pipelines.session import Participant, ParticipantConfig, make_participant, replay_batch
+from pipelines.session import replay_batch
 from services.plumbing.transport import free_tcp_endpoint
 
-# The first test builds the participant (about 70 s of CPU: four runs recorded, features extracted, weights
+# The first test builds the participant (the session-scoped `participant` fixture of conftest.py, shared with
+# test_dashboard.py; about 70 s of CPU: four runs recorded, features extracted, weights
 # and a variance partition fitted); on a machine shared with a training job that is many minutes of wall time.
 pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="session")
-def participant(tmp_path_factory) -> Participant:
-    return make_participant(tmp_path_factory.mktemp("participant"), ParticipantConfig(runs=4, trs=60),
-                            progress=lambda m: None)
 
 
 def test_participant_is_a_bids_dataset_with_gamelogs_and_weights(participant):
@@ -118,7 +113,17 @@ def test_demo_json_runs_the_live_loop_and_writes_a_report(participant, tmp_path)
     for stream in ("rl-0__policy", "vlm-0__action", "vlm-0__reasoning"):
         enc = summary["encoders"][stream]
         assert enc["trs_scored"] >= 4 and enc["errors"] == {}, enc
-        assert any(math.isfinite(v) for v in summary["scores"][stream].values())
+        rows = _roi_mean_rows(out / "run" / f"{stream}_scores.tsv")
+        assert set(summary["scores"][stream]) == set(rows), (stream, summary["scores"][stream], rows)
+        n_trs = {n for _, n in rows.values()}
+        assert n_trs == {enc["trs_scored"]}, (stream, rows, enc)
+        offline = _offline_roi_r(out / "run", stream, participant, summary["run"], enc["trs_scored"])
+        assert set(offline) == set(rows), (stream, sorted(offline), sorted(rows))
+        for roi, want in offline.items():
+            live = summary["scores"][stream][roi]
+            assert math.isfinite(want) and live is not None, (stream, roi, want, live)  # a real, defined score
+            assert live == pytest.approx(want, abs=1e-3), (stream, roi, live, want)
+            assert rows[roi][0] == pytest.approx(want, abs=1e-3), (stream, roi, rows[roi], want)
         assert (out / "run" / f"{stream}_scores.tsv").exists() and (out / "run" / f"{stream}_pred.nii.gz").exists()
     html = (out / "run" / "report.html").read_text()
     assert "data:image/png;base64," in html and "vlm-0" in html and "id='known-answer'" in html
@@ -126,6 +131,38 @@ def test_demo_json_runs_the_live_loop_and_writes_a_report(participant, tmp_path)
     assert {("vlm-0", "action", "visual"), ("vlm-0", "reasoning", "temporal"), ("rl-0", "", "all")} <= recovered
     latency = json.loads((out / "run" / "latency.json").read_text())
     assert np.median(latency["vlm-0"]["action"]) > 0
+
+
+def _roi_mean_rows(path) -> dict[str, tuple[float, int]]:
+    """ROI → (r, n_trs) of the ``roi_mean`` rows of an encoding service's scores table."""
+    import csv
+
+    with open(path) as f:
+        return {row["roi"]: (float(row["r"]), int(row["n_trs"]))
+                for row in csv.DictReader(f, delimiter="\t") if row["kind"] == "roi_mean"}
+
+
+def _offline_roi_r(run_dir, stream: str, participant, run: str, n_trs: int) -> dict[str, float]:
+    """The live ROI score recomputed from files: Pearson r over the scored TRs (0..n_trs-1: every volume
+    reaches the encoder in order) of the ROI mean of the predicted NIfTI vs the ROI mean of the replayed
+    run's measured BOLD (raw values, as the service receives them), ROIs from the run's atlas copy;
+    'all' is every voxel the weights predict (the prediction is zero outside that mask)."""
+    import nibabel as nib
+
+    from encoders.weights import EncodingWeights
+
+    bold = next(r["bold"] for r in participant.runs if r["run"] == run)
+    pred_img, meas_img = nib.load(str(run_dir / f"{stream}_pred.nii.gz")), nib.load(str(bold))
+    assert pred_img.ndim == 4 and pred_img.shape[3] >= n_trs and meas_img.shape[3] >= n_trs, \
+        (pred_img.shape, meas_img.shape, n_trs)
+    pred = np.asarray(pred_img.dataobj[..., :n_trs], dtype=np.float64)
+    meas = np.asarray(meas_img.dataobj[..., :n_trs], dtype=np.float64)
+    mask = EncodingWeights.load(participant.weights[stream]).mask
+    atlas = np.asarray(nib.load(str(run_dir / "atlas.nii.gz")).dataobj).astype(int)
+    names = {int(i): n for i, n in (line.split("\t") for line in
+                                    (run_dir / "atlas_labels.tsv").read_text().splitlines()[1:] if line)}
+    rois = {"all": mask} | {names[k]: mask & (atlas == k) for k in sorted(set(np.unique(atlas[mask])) - {0})}
+    return {roi: float(np.corrcoef(pred[sel].mean(0), meas[sel].mean(0))[0, 1]) for roi, sel in rois.items()}
 
 
 def test_live_with_a_simulated_scanner_scores_trs_and_records_triggers(participant, tmp_path):

@@ -71,7 +71,8 @@ def test_fit_then_predict_cli(app, dataset, tmp_path):
     assert w.spaces[0].model == "synthetic" and w.spaces[0].condition == "action"  # from the sidecar
     assert set(w.roi_names.values()) >= {"visual", "prefrontal"} and w.cv_r is not None
     scores = list(csv.DictReader(open(tmp_path / "w_scores.tsv"), delimiter="\t"))
-    assert scores[0]["roi"] == "all" and -1 <= float(scores[0]["cv_r"]) <= 1
+    assert scores[0]["roi"] == "all" and scores[0]["kind"] == "cv_voxel_mean" and -1 <= float(scores[0]["r"]) <= 1
+    assert scores[0]["n_undefined"] == "0" and "cv_r" not in scores[0] and float(scores[0]["r2"]) <= 1
 
     pred = tmp_path / "pred.nii.gz"
     res = CliRunner().invoke(app, ["predict", "--weights", str(weights), "--features", features[2], "--out", str(pred)])

@@ -348,13 +348,18 @@ def test_agent_cli_against_vllm_serve(server, tiny_model, start_emulator, tmp_pa
 
 
 def test_closed_loop_spec_on_vllm_serve(server, tiny_model):
-    """pipelines.closed_loop with ``AgentSpec(backend="vllm", vllm_url=…)``: its agent process decides and publishes."""
-    from pipelines.closed_loop import AgentSpec, run_closed_loop
+    """pipelines.closed_loop with ``agents.spec.AgentSpec(backend="vllm", vllm_url=…)``: its agent process decides
+    and publishes."""
+    from agents.spec import AgentSpec
+    from pipelines.closed_loop import LoopConfig, run_closed_loop
+    from services.emulator import EmulatorConfig
+    from services.plumbing.game import GameSettings
 
-    spec = AgentSpec("vlm-vllm", "vlm", role="controller", model=tiny_model, conditions=list(CONDITIONS),
+    spec = AgentSpec("vlm-vllm", "vlm", role="controller", model=tiny_model, conditions=tuple(CONDITIONS),
                      backend="vllm", vllm_url=server.url)
     assert not spec.starts_engine_process  # remote: the agent process may stay daemonic
-    report = run_closed_loop(duration_s=4.0, game="ALE/Breakout-v5", agents=[spec])
+    report = run_closed_loop(LoopConfig(emulator=EmulatorConfig(game=GameSettings("ALE/Breakout-v5")), agents=[spec],
+                                        duration_s=4.0))
     entries = {e["condition"]: e for e in report["agents"]}
     assert set(entries) == set(CONDITIONS), report["agents"]
     for e in entries.values():

@@ -20,22 +20,6 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _vlm_backend(cfg, backend: str, vllm_url: str, vllm_transport: str, vllm_activations_dir: str):
-    """Build the VLM runtime; a missing vLLM install exits with its advice instead of a traceback."""
-    from agents.vlm import build_backend
-
-    try:
-        return build_backend(cfg, backend, vllm_url=vllm_url or None, vllm_transport=vllm_transport,
-                             vllm_activations_dir=vllm_activations_dir or None)
-    except RuntimeError as err:
-        from agents.vllm_backend import VllmUnavailable
-
-        if not isinstance(err, VllmUnavailable):
-            raise
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-
-
 def agent(
     kind: str = typer.Option(..., help="rl or vlm."),
     model: str = typer.Option("", help="VLM: hub name or local dir (e.g. from `models build-tiny`)."),
@@ -87,43 +71,36 @@ def agent(
 
         setup_logging(verbose=True, json_logs=True)
 
-    from agents.base import FrameWindow, RateLimiter, Recorder
+    from agents.spec import AgentSpec, build_agent
+    from agents.vlm import BACKENDS
+    from agents.vllm_backend import VllmUnavailable
     from services.agent import AgentService, AgentServiceConfig
 
-    if kind == "rl":
-        from agents.rl import RLAgent, RLConfig
-
-        built = RLAgent(RLConfig(checkpoint=checkpoint or None, algo=algo, game=game or None,
-                                 activation_layers=tuple(_csv(rl_layers))))
-    elif kind == "vlm":
-        from agents.vlm import BACKENDS, VLMAgent, VLMConfig
-
+    if kind not in ("rl", "vlm"):
+        raise typer.BadParameter("--kind must be rl or vlm")
+    if kind == "vlm":
         if not model:
             raise typer.BadParameter("--model is required for --kind vlm")
         if backend not in BACKENDS:
             raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}")
         if vllm_transport not in ("shm", "rpc"):
             raise typer.BadParameter("--vllm-transport must be shm or rpc")
-        vlm_cfg = VLMConfig(model=model, conditions=_csv(conditions), prompts_file=prompts_file,
-                            device=device, dtype=dtype, activation_dtype=activation_dtype,
-                            layers=[int(x) for x in _csv(layers)] or None)
-        runtime = _vlm_backend(vlm_cfg, backend, vllm_url, vllm_transport, vllm_activations_dir)
-        try:
-            built = VLMAgent(vlm_cfg, runtime)
-        except BaseException:
-            getattr(runtime, "close", lambda: None)()  # an in-process vLLM engine must not outlive a bad config
-            raise
-        if frame_window > 1:
-            built = FrameWindow(built, k=frame_window, span_s=window_s)
-    else:
-        raise typer.BadParameter("--kind must be rl or vlm")
-    if max_hz > 0:
-        built = RateLimiter(built, max_hz)
-    if record:
-        built = Recorder(built, record)
+    spec = AgentSpec(agent_id or f"{kind}-0", kind, role=role, model=checkpoint if kind == "rl" else model, algo=algo,
+                     game=game, rl_layers=tuple(_csv(rl_layers)), conditions=tuple(_csv(conditions)),
+                     prompts_file=prompts_file or "", layers=tuple(int(x) for x in _csv(layers)) or None,
+                     device=device, dtype=dtype, activation_dtype=activation_dtype, backend=backend,
+                     vllm_url=vllm_url, vllm_transport=vllm_transport, vllm_activations_dir=vllm_activations_dir,
+                     frame_window=frame_window if kind == "vlm" else 1, window_s=window_s, max_hz=max_hz,
+                     record_dir=record, activations_endpoint=activations)
+    try:
+        built = build_agent(spec)
+    except VllmUnavailable as err:  # a missing vLLM install: its advice, not a traceback
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     service = AgentService(built, AgentServiceConfig(
-        agent_id=agent_id or f"{kind}-0", role=role, frames_endpoint=frames, control_endpoint=control,
-        activations_endpoint=activations or None, duration_s=duration, metrics_port=metrics_port, curve=curve))
+        agent_id=spec.agent_id, role=spec.role, frames_endpoint=frames, control_endpoint=control,
+        activations_endpoint=spec.activations_endpoint or None, duration_s=duration, metrics_port=metrics_port,
+        curve=curve))
     signal.signal(signal.SIGINT, lambda *_: service.stop())
     signal.signal(signal.SIGTERM, lambda *_: service.stop())
     try:
@@ -174,6 +151,7 @@ def train_rl(
     threads: int = typer.Option(0, help="torch threads (0: one per core)."),
     checkpoint_every: int = typer.Option(20, help="Iterations between resumable state files."),
     init: Optional[str] = typer.Option(None, help="Warm start from this checkpoint's weights (new optimiser and schedule)."),
+    export: bool = typer.Option(False, help="Write OUT from OUT.state.pt now (a run stopped early) and exit."),
 ) -> None:
     """Train a Nature-CNN PPO agent (CleanRL's Atari recipe on ale-py's vector env); rerun to resume after a kill."""
     import shlex
@@ -181,7 +159,15 @@ def train_rl(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from agents.train_rl import TrainConfig, train
+    from agents.train_rl import TrainConfig, export_state, train
+
+    if export:
+        try:
+            summary = export_state(out, command=shlex.join(["neuroarcade", *sys.argv[1:]]))
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--out") from None
+        print(json.dumps({k: v for k, v in asdict(summary).items() if k != "config"}))
+        return
 
     cfg = TrainConfig(game=game, frames=frames, num_envs=num_envs, seed=seed, sticky=sticky, bf16=bf16,
                       device=device, torch_threads=threads, checkpoint_every=checkpoint_every,

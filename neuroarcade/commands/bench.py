@@ -100,3 +100,20 @@ def train(
     from benchmarks.train import main
 
     main(game=game, rounds=rounds, iterations=iterations)
+
+
+@app.command()
+def preprocess(
+    volumes: int = typer.Option(200, help="Volumes of the EPI run (the causal GLM's cost grows with the run)."),
+    shape: str = typer.Option("64,64,36", help="Voxel grid of the EPI run."),
+    voxel_mm: str = typer.Option("3,3,3.5", help="Voxel size of the EPI run, mm."),
+    large_volumes: int = typer.Option(60, help="Volumes of the whole-brain run (0 = skip it)."),
+    large_shape: str = typer.Option("97,115,97", help="Voxel grid of the whole-brain run (MNI 2 mm)."),
+    large_voxel_mm: str = typer.Option("2,2,2", help="Voxel size of the whole-brain run, mm."),
+    order: int = typer.Option(1, help="Spline order of our reslice and of the bare one."),
+) -> None:
+    """Per-volume preprocessing (realign + reslice + causal GLM + standardisation) vs one bare scipy reslice."""
+    from benchmarks.preprocess import main
+
+    main(volumes=volumes, shape=shape, voxel_mm=voxel_mm, large_volumes=large_volumes, large_shape=large_shape,
+         large_voxel_mm=large_voxel_mm, order=order)

@@ -124,7 +124,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], defaults: dict) -> 
 def extract_main(argv: list[str], defaults: dict | None = None) -> None:
     from rich.console import Console
 
-    from pipelines.batch import AgentSpec, ExtractConfig, plan_jobs, run_batch
+    from agents.spec import AgentSpec
+    from pipelines.batch import ExtractConfig, plan_jobs, run_batch
 
     args = _parse(_extract_parser(), argv, defaults or {})
     console = Console(stderr=True)

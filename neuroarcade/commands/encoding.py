@@ -13,6 +13,12 @@ FIT_HELP = """Fit a voxelwise encoding model (ridge, alpha per voxel by leave-on
 
   neuroarcade fit --bold R1.nii.gz R2.nii.gz … --features F1.npy F2.npy … --tr 2.0 --out W.safetensors
   neuroarcade fit --bids DATASET --out W.safetensors            (runs + derivatives/features/*_desc-<space>)
+  neuroarcade fit --bids DATASET --derivatives DATASET/derivatives/fmriprep --subject 01 --task x \
+      --output-space MNI152NLin2009cAsym --confounds motion24,acompcor --out W.safetensors
+
+The BOLD is cleaned before the ridge (--preprocess, default offline: per run, regression of the constant, a
+cosine drift basis at --high-pass and the --confounds, then z-score; none = z-score only, as before this
+option existed); the weights file records the mode and every setting.
 
 Several feature spaces (--features plus --space NAME F1 F2 …, or several spaces in --bids) are fitted
 jointly with banded ridge; with two spaces --partition adds variance partitioning."""
@@ -27,12 +33,29 @@ def _fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", nargs="+", action="append", default=[], metavar=("NAME", "F"),
                    help="another feature space: its name then one .npy per run (repeatable)")
     p.add_argument("--bids", type=Path, help="BIDS dataset root (instead of --bold/--features)")
-    p.add_argument("--sub", help="BIDS subject label (with --bids)")
+    p.add_argument("--sub", "--subject", dest="sub", help="BIDS subject label (with --bids)")
     p.add_argument("--task", help="BIDS task label (with --bids)")
+    p.add_argument("--derivatives", type=Path,
+                   help="with --bids: fMRIPrep's output folder; fit its *_desc-preproc_bold runs (brain masks and "
+                        "confounds from beside them; features still from DATASET/derivatives/features)")
+    p.add_argument("--ses", "--session", dest="ses", help="BIDS session label (with --derivatives)")
+    p.add_argument("--output-space", help="fMRIPrep output space, e.g. MNI152NLin2009cAsym (with --derivatives; "
+                                          "default: the only one)")
+    p.add_argument("--preprocess", choices=["none", "offline", "causal"], default="offline",
+                   help="cleaning of the BOLD before the ridge: offline (default) = per run, regress the constant, "
+                        "cosine drift and --confounds out, then z-score; causal = as live, each volume on the "
+                        "volumes up to it (warm-up volumes 0); none = per-run z-score only")
+    p.add_argument("--confounds", nargs="+", default=None, metavar="SET",
+                   help="fMRIPrep confound sets to regress: motion6, motion12, motion24, acompcor, wm_csf, "
+                        "global_signal, cosine (combine: motion24,acompcor), none, or auto (default: motion6 for "
+                        "fMRIPrep *_desc-preproc_bold runs, none otherwise)")
+    p.add_argument("--high-pass", type=float, default=1 / 128,
+                   help="cut-off of the cosine drift basis in Hz (default 1/128; 0 = no drift regressors)")
     p.add_argument("--spaces", nargs="+", help="with --bids: which feature spaces to fit (default all)")
     p.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors)")
     p.add_argument("--tr", type=float, help="repetition time in s (default: sidecar JSON / NIfTI header)")
-    p.add_argument("--mask", type=Path, help="brain mask NIfTI (default: voxels varying in every run)")
+    p.add_argument("--mask", type=Path, help="brain mask NIfTI (default: with --derivatives the runs' brain "
+                                             "masks, else voxels varying in every run)")
     p.add_argument("--delays", nargs="+", type=int, default=[1, 2, 3, 4], help="FIR delays in TRs")
     p.add_argument("--pca", type=int, help="reduce each feature space to K principal components")
     p.add_argument("--atlas", type=Path, help="ROI atlas NIfTI (integer labels)")
@@ -74,137 +97,36 @@ def _fit(args: argparse.Namespace) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from encoders.data import FitInputError, bids_runs, load_atlas, load_bold, load_feature_runs
-    from encoders.fit import FitConfig, fit_encoding, partition_variance
+    from encoders.data import FitInputError, FitPreprocess, parse_confound_sets
+    from encoders.fit import FitConfig
+    from pipelines.fit import FitRunConfig, SpaceFiles, run_fit
 
     console = Console(stderr=True)
-    if args.bids:
-        bold_paths, space_files = bids_runs(args.bids, args.sub, args.task)
-        if args.spaces:
-            missing = set(args.spaces) - set(space_files)
-            if missing:
-                raise FitInputError(f"--spaces {sorted(missing)} not found; dataset has {sorted(space_files)}")
-            space_files = {k: space_files[k] for k in args.spaces}
-    else:
-        if not args.bold or not args.features:
-            raise FitInputError("give --bold and --features (or --bids)")
-        bold_paths = args.bold
-        space_files = {"": args.features}
-        for name, *files in args.space:
-            space_files[name] = [Path(f) for f in files]
-    if args.partition and len(space_files) != 2:  # before the fit, not after it
-        raise FitInputError(f"--partition needs exactly two feature spaces, have {len(space_files)}")
-    bold = load_bold(bold_paths, args.mask, args.tr)
-    if args.partition and len(bold.runs) < 2:
-        raise FitInputError("--partition needs ≥2 runs (its scores are leave-one-run-out)")
-    features: dict[str, list[np.ndarray]] = {}
-    provenance: dict[str, dict] = {}
-    for name, files in space_files.items():
-        try:
-            runs, meta = load_feature_runs(files, bold)
-        except FitInputError as e:
-            if args.bids:  # the message names the dataset's files
-                raise
-            raise FitInputError(f"{f'--space {name}' if name else '--features'}: {e}") from None
-        name = name or meta.get("space") or "features"
-        features[name] = runs
-        provenance[name] = {
-            "model": args.model if args.model is not None else meta.get("model", ""),
-            "layer": args.layer if args.layer is not None else meta.get("layer"),
-            "condition": args.condition if args.condition is not None else meta.get("condition", ""),
-            "pooling": args.pooling if args.pooling is not None else meta.get("pooling", ""),
-        }
-    roi_labels, roi_names = (None, {})
-    if args.atlas:
-        roi_labels, roi_names = load_atlas(args.atlas, args.atlas_labels, bold.mask, bold.affine)
-    cfg = FitConfig(delays=args.delays, pca=args.pca, backend=args.backend, blas_threads=args.threads,
+    if not args.bids and (not args.bold or not args.features):
+        raise FitInputError("give --bold and --features (or --bids)")
+    preprocess = FitPreprocess(mode=args.preprocess, confounds=parse_confound_sets(args.confounds),
+                               high_pass_hz=args.high_pass)
+    spaces = [SpaceFiles("", list(args.features), "--features"),
+              *(SpaceFiles(name, [Path(f) for f in files], f"--space {name}") for name, *files in args.space)]
+    fit = FitConfig(delays=args.delays, pca=args.pca, backend=args.backend, blas_threads=args.threads,
                     score=not args.no_score, n_permutations=args.permutations, fdr_q=args.fdr,
                     progress=not args.quiet, **({"alphas": np.asarray(args.alphas)} if args.alphas else {}))
-    res = fit_encoding(bold.runs, features, cfg, mask=bold.mask, affine=bold.affine, tr=bold.tr,
-                       provenance=provenance, roi_labels=roi_labels, roi_names=roi_names,
-                       atlas=args.atlas.name if args.atlas else "",
-                       extra_provenance={"bold": [str(p) for p in bold.paths],
-                                         "features": {k: [str(f) for f in v] for k, v in space_files.items()}})
-    for warning in res.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
-    try:
-        out = res.weights.save(args.out)
-    except OSError as e:  # a read-only folder, a full disk: the reports beside it would fail alike
-        raise FitInputError(f"--out {args.out}: cannot write ({e.strerror or e})") from None
-    rows = roi_summary(res, roi_labels, roi_names)
-    partition = None
-    if args.partition:
-        (na, ra), (nb, rb) = features.items()
-        parts = partition_variance(bold.runs, (na, ra), (nb, rb), cfg)
-        partition = {f"unique_{na}": parts["unique_a"], f"unique_{nb}": parts["unique_b"], "shared": parts["shared"]}
-        for row, idx in zip(rows, _roi_indices(roi_labels, roi_names, len(bold.runs[0][0]))):
-            row.update({k: float(v[idx].mean()) for k, v in partition.items()})
-    written = [out, *write_fit_reports(out, res, rows, partition)]
-    table = Table(title=f"fit: {len(bold.runs)} runs, {bold.runs[0].shape[1]} voxels, TR {bold.tr:g} s")
+    summary = run_fit(FitRunConfig(
+        out=args.out, bold=list(args.bold), spaces=[] if args.bids else spaces, bids=args.bids, subject=args.sub,
+        derivatives=args.derivatives, session=args.ses, output_space=args.output_space, preprocess=preprocess,
+        task=args.task, select=tuple(args.spaces) if args.spaces else None, mask=args.mask, tr=args.tr, fit=fit,
+        atlas=args.atlas, atlas_labels=args.atlas_labels, partition=args.partition, model=args.model,
+        layer=args.layer, condition=args.condition, pooling=args.pooling),
+        warn=lambda w: console.print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True))
+    rows = summary.rows
+    table = Table(title=f"fit: {summary.runs} runs, {summary.voxels} voxels, TR {summary.tr:g} s")
     for col in rows[0]:
         table.add_column(col)
     for r in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()))
     Console().print(table)
-    for p in written:
+    for p in summary.written:
         console.print(f"wrote {p}")
-
-
-def _roi_indices(roi_labels, roi_names, n_vox):
-    import numpy as np
-
-    out = [np.arange(n_vox)]
-    if roi_labels is not None:
-        for label in sorted(int(v) for v in np.unique(roi_labels) if v != 0):
-            out.append(np.flatnonzero(roi_labels == label))
-    return out
-
-
-def roi_summary(res, roi_labels, roi_names) -> list[dict]:
-    """Per ROI ('all' first): voxels, mean CV r and R², share significant, noise ceiling."""
-    import numpy as np
-
-    names = ["all"]
-    if roi_labels is not None:
-        names += [roi_names.get(label, f"roi{label}") for label in sorted(int(v) for v in np.unique(roi_labels) if v)]
-    rows = []
-    for name, idx in zip(names, _roi_indices(roi_labels, roi_names, res.weights.n_voxels)):
-        row: dict = {"roi": name, "n_voxels": len(idx)}
-        if res.cv_r is not None:
-            row["cv_r"] = float(res.cv_r[idx].mean())
-            row["cv_r2"] = float(res.cv_r2[idx].mean())
-        if res.significant is not None:
-            row["frac_significant"] = float(res.significant[idx].mean())
-        if res.noise_ceiling is not None:
-            row["noise_ceiling"] = float(res.noise_ceiling[idx].mean())
-        rows.append(row)
-    return rows
-
-
-def write_fit_reports(weights_path: Path, res, rows: list[dict], partition) -> list[Path]:
-    """Beside the weights: ROI table (TSV) and per-voxel maps (NIfTI) of the CV scores."""
-    import nibabel as nib
-
-    stem = weights_path.with_suffix("")
-    written = []
-    tsv = Path(f"{stem}_scores.tsv")
-    cols = list(rows[0])
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    tsv.write_text("\t".join(cols) + "\n" + "".join(
-        "\t".join(f"{r.get(c, float('nan')):.6g}" if not isinstance(r.get(c), str) else r[c] for c in cols) + "\n"
-        for r in rows))
-    written.append(tsv)
-    w = res.weights
-    maps = {"cv_r": res.cv_r, "cv_r2": res.cv_r2, "q": res.q_values, "noise_ceiling": res.noise_ceiling}
-    if partition is not None:
-        maps |= partition
-    for name, values in maps.items():
-        if values is not None:
-            path = Path(f"{stem}_{name}.nii.gz")
-            nib.save(nib.Nifti1Image(w.to_volume(values), w.affine), path)
-            written.append(path)
-    return written
 
 
 def _curve_or_exit(secret: str, allow: str = "", server_key: str = "", binds=(), connects=()):
@@ -328,18 +250,14 @@ def register(app: typer.Typer) -> None:
                                                       "of HOST.key files (one per server host)."),
     ) -> None:
         """Encoding service: activations + BOLD in, per-TR predictions and running scores out."""
-        import logging
 
         curve = _curve_or_exit(curve_secret, curve_allow, curve_server_key, binds=[predictions],
                                connects=[*activations, *bold])
 
         from services.encoding import CoreConfig, EncodingServiceConfig, run_encoding_service
-        from services.plumbing.metrics import JsonFormatter
+        from services.plumbing.metrics import setup_logging
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        if log_json:
-            for handler in logging.getLogger().handlers:
-                handler.setFormatter(JsonFormatter())
+        setup_logging(verbose=True, json_logs=log_json)
         cfg = EncodingServiceConfig(weights=str(weights), activations=activations, bold=bold,
                                     predictions=predictions, out_dir=str(out_dir or ""), n_trs=n_trs,
                                     idle_timeout_s=idle_timeout_s, metrics_port=metrics_port,
@@ -381,3 +299,45 @@ def register(app: typer.Typer) -> None:
         paths = write_bids(session, out, record=record_run if record else None)
         typer.echo(f"wrote {out}: {len(paths['bold'])} runs × {trs} TRs, {int(session.mask.sum())} voxels; "
                    f"truth in {out / 'derivatives' / 'truth'}")
+
+    app.command()(preprocess)
+
+
+def preprocess(
+    bold: Path = typer.Argument(..., help="4-D BOLD run (NIfTI)."),
+    out: Path = typer.Option(..., help="Folder for <run>_desc-realigned_bold.nii.gz, _desc-preproc_bold.nii.gz "
+                                       "and _desc-confounds_timeseries.tsv."),
+    reference: Optional[Path] = typer.Option(None, help="Reference volume on the run's grid (3-D NIfTI, or a 4-D "
+                                                        "one's first volume); default: the first after the dummies."),
+    causal: bool = typer.Option(False, help="Regress confounds causally, as live (each volume on the volumes "
+                                            "up to it); default: on the whole run."),
+    tr: Optional[float] = typer.Option(None, help="TR in s (default: the NIfTI header)."),
+    dummy_scans: int = typer.Option(0, help="Volumes at the start to drop."),
+    high_pass: float = typer.Option(1 / 128, help="Cut-off of the cosine drift basis, Hz (0 = no drift regressors)."),
+    motion_correction: bool = typer.Option(True, help="Realign the volumes (and regress the motion parameters)."),
+    motion_derivatives: bool = typer.Option(False, help="Also regress the motion parameters' derivatives."),
+    fwhm: float = typer.Option(0.0, help="Gaussian smoothing FWHM, mm (0 = off)."),
+    standardize: bool = typer.Option(True, help="Standardise each voxel's residuals."),
+    warmup: int = typer.Option(15, help="Causal: volumes after the dummies that are never scored."),
+    fd_threshold: float = typer.Option(0.5, help="Censor volumes with framewise displacement above this, mm (0 = off)."),
+    dvars_threshold: float = typer.Option(1.5, help="Censor volumes with DVARS above this multiple of the usual (0 = off)."),
+    reslice_order: int = typer.Option(1, help="Spline order of the reslice (1 trilinear, 3 cubic)."),
+) -> None:
+    """Realign, censor and clean one BOLD run (offline; the same core as live)."""
+    from encoders.data import FitInputError
+    from encoders.preprocess import PreprocessConfig, preprocess_file
+
+    confounds = ["constant"] + (["drift"] if high_pass > 0 else [])
+    confounds += (["motion"] if motion_correction else []) + (["motion_derivatives"] if motion_derivatives else [])
+    try:
+        cfg = PreprocessConfig(motion_correction=motion_correction, reference="given" if reference else "first",
+                               dummy_scans=dummy_scans, high_pass_hz=high_pass, confounds=tuple(confounds),
+                               smoothing_fwhm_mm=fwhm, standardize=standardize, warmup_trs=warmup,
+                               fd_threshold_mm=fd_threshold, dvars_threshold=dvars_threshold,
+                               reslice_order=reslice_order)
+        result, written = preprocess_file(bold, out, cfg, reference=reference, causal=causal, tr=tr)
+    except FitInputError as e:
+        _fail(e)
+    typer.echo(result.summary())
+    for p in written:
+        typer.echo(f"wrote {p}")

@@ -28,7 +28,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Folder for the synthetic participant and this run's outputs."),
     model: str = typer.Option("", help="VLM by hub name or local dir ('' = the tiny offline Qwen2.5-VL), "
                                        "e.g. Qwen/Qwen2.5-VL-7B-Instruct when you have a hub."),
-    game: str = typer.Option("ALE/Pong-v5", help="Game of the synthetic participant."),
+    game: str = typer.Option("ALE/Breakout-v5", help="Game of the synthetic participant."),
     participant: Optional[Path] = typer.Option(None, help="Use this participant folder (made by synth-participant)."),
     dashboard_port: int = typer.Option(8000, help="Serve the live dashboard on 127.0.0.1:PORT (0 = no dashboard)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object (keys in README)."),
@@ -94,7 +94,7 @@ def replay_session(
 
 def synth_participant(
     out: Path = typer.Argument(..., help="Folder to write the BIDS dataset into."),
-    game: str = typer.Option("ALE/Pong-v5", help="Game played in the recorded runs."),
+    game: str = typer.Option("ALE/Breakout-v5", help="Game played in the recorded runs."),
     runs: int = typer.Option(4, help="Runs (the last is held out from the fit)."),
     trs: int = typer.Option(60, help="Volumes per run."),
     model: str = typer.Option("", help="VLM ('' = build the tiny offline Qwen2.5-VL)."),
@@ -115,7 +115,7 @@ def live(
     simulate: Optional[Path] = typer.Option(None, help="Simulate the scanner: write this 4D NIfTI's volumes "
                                                        "into --scanner-folder at TR pace, with triggers."),
     duration: float = typer.Option(120.0, help="Seconds to run."),
-    game: str = typer.Option("ALE/Pong-v5", help="Game the participant plays."),
+    game: str = typer.Option("ALE/Breakout-v5", help="Game the participant plays."),
     out: Path = typer.Option(Path("runs/live"), help="Output folder."),
     dashboard_port: int = typer.Option(8000, help="Dashboard port (keyboard play for the participant)."),
 ) -> None:

@@ -58,8 +58,10 @@ def frame_hash(pixels: np.ndarray, algo: str = FRAME_HASH) -> str:
 class GameEnv:
     """A gymnasium ALE env plus the bookkeeping the emulator and recordings need."""
 
-    def __init__(self, settings: GameSettings, frame_hash_algo: str = FRAME_HASH):
-        """``frame_hash_algo``: how ``hash`` digests frames; a replay passes its recording's."""
+    def __init__(self, settings: GameSettings, frame_hash_algo: str = FRAME_HASH, pooled_gray: bool = True):
+        """``frame_hash_algo``: how ``hash`` digests frames; a replay passes its recording's.
+        ``pooled_gray``: keep ``pooled_gray`` up to date (two ALE grayscale reads per step, ≈15 % of a
+        bare step here); False leaves it None, for sessions with no RL agent watching."""
         if frame_hash_algo not in FRAME_HASHES:
             raise ValueError(f"unknown frame hash {frame_hash_algo!r} (known: {', '.join(FRAME_HASHES)})")
         self.settings = settings
@@ -88,7 +90,8 @@ class GameEnv:
         self._seeded = False
         h, w = self.env.observation_space.shape[:2]
         self._gray = (np.zeros((h, w), np.uint8), np.zeros((h, w), np.uint8))
-        self.pooled_gray: np.ndarray = self._gray[0]
+        self._pool = pooled_gray
+        self.pooled_gray: np.ndarray | None = self._gray[0] if pooled_gray else None
         """(H, W) uint8: the max of the ALE grayscale screens of the last two emulator frames of the
         latest step (the reset screen after a reset) — what ale-py's vector env, and so RL training,
         builds its observation from (agents/rl.py). A new array each step."""
@@ -98,8 +101,9 @@ class GameEnv:
         seed = None if self._seeded else self.settings.seed
         obs, _ = self.env.reset(seed=seed)
         self._seeded = True
-        self._ale.getScreenGrayscale(self._gray[0])
-        self.pooled_gray = self._gray[0].copy()
+        if self._pool:
+            self._ale.getScreenGrayscale(self._gray[0])
+            self.pooled_gray = self._gray[0].copy()
         self.episode += 1
         self.step_in_episode = 0
         return obs, seed
@@ -113,11 +117,13 @@ class GameEnv:
         ale, ale_action = self._ale, self._ale_actions[action]
         reward = 0.0
         skip = self.settings.frameskip
+        pool_from = skip - 2 if self._pool else skip
         for i in range(skip):
             reward += ale.act(ale_action, 1.0)
-            if i >= skip - 2:  # the last two frames, for pooled_gray (as ale-py's vector env)
+            if i >= pool_from:  # the last two frames, for pooled_gray (as ale-py's vector env)
                 ale.getScreenGrayscale(self._gray[skip - 1 - i])
-        self.pooled_gray = np.maximum(*self._gray) if skip > 1 else self._gray[0].copy()
+        if self._pool:
+            self.pooled_gray = np.maximum(*self._gray) if skip > 1 else self._gray[0].copy()
         terminated = ale.game_over(with_truncation=False)
         truncated = ale.game_truncated()
         self.step_in_episode += 1
