@@ -457,9 +457,18 @@ def write_checkpoint(cfg: TrainConfig, out: Path, state_dict: dict, n_actions: i
     return summary
 
 
-def export_state(out: str | Path, command: str = "") -> TrainSummary:
+def train_command(cfg: TrainConfig, out: str | Path) -> str:
+    """The ``neuroarcade train-rl`` command line that trains (or resumes) ``cfg`` into ``out``."""
+    import shlex
+
+    args = ["neuroarcade", "train-rl", "--game", cfg.game, "--frames", str(cfg.frames), "--seed", str(cfg.seed),
+            "--num-envs", str(cfg.num_envs), "--sticky", str(cfg.sticky), "--out", str(out)]
+    return shlex.join(args + (["--init", cfg.init] if cfg.init else []))
+
+
+def export_state(out: str | Path) -> TrainSummary:
     """Write checkpoint ``out`` from the resumable ``out.state.pt`` of a run that was stopped before its
-    last iteration (its sidecar records the iterations done and the ones planned)."""
+    last iteration (its sidecar records the iterations done, the ones planned and the training command)."""
     import torch
 
     out = Path(out)
@@ -470,4 +479,4 @@ def export_state(out: str | Path, command: str = "") -> TrainSummary:
     cfg = TrainConfig(**state["config"])
     n_actions = int(state["model"]["actor.weight"].shape[0])
     return write_checkpoint(cfg, out, state["model"], n_actions, int(state["iteration"]), float(state["seconds"]),
-                            list(state["finished"]), int(state["iteration"]), command)
+                            list(state["finished"]), int(state["iteration"]), train_command(cfg, out))

@@ -172,11 +172,11 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
     service_ms = [(first_recv[s] - frame_t[s]) / 1e6 for s in seqs]
     bare_ms = out["bare_ms"][WARMUP:]
     same = len(set(seqs) & set(out["bare_seqs"]))
-    service_summary = out["summary"]
+    service_summary = out["summary"]  # services.agent.AgentSummary
 
     svc50, svc99 = _pcts(service_ms)
     bare50, bare99 = _pcts(bare_ms)
-    internal50 = float(np.median([c["latency_p50_ms"] for c in service_summary["conditions"].values()]))
+    internal50 = float(np.median([c.latency_p50_ms for c in service_summary.conditions.values()]))
     from rich.console import Console
     from rich.table import Table
 
@@ -198,10 +198,10 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
         "overhead_ratio": round(svc50 / bare50, 3), "overhead_ratio_p99": round(svc99 / bare99, 3),
         # Decision start minus the frame's emulator time: a model slower than the frame period picks up the
         # newest frame, which has waited on average half a period (8 ms at 60 fps) — part of service_p50_ms.
-        "service_frame_age_p50_ms": round(service_summary["frame_age_p50_ms"], 3),
-        "service_stage_mean_ms": {k: round(v, 3) for k, v in service_summary["stage_mean_ms"].items()},
-        "stale_skipped": service_summary["stale_skipped"],
-        "activations": sum(c["activations"] for c in service_summary["conditions"].values()),
+        "service_frame_age_p50_ms": round(service_summary.frame_age_p50_ms, 3),
+        "service_stage_mean_ms": {k: round(v, 3) for k, v in service_summary.stage_mean_ms.items()},
+        "stale_skipped": service_summary.stale_skipped,
+        "activations": sum(c.activations for c in service_summary.conditions.values()),
         "cpu": platform.processor() or platform.machine(), "torch_threads": 1,
     }
     print(json.dumps(result))

@@ -78,13 +78,13 @@ def _worker(kind: str, agent_id: str, model: str, game: str, commands, results) 
     import torch
 
     torch.set_num_threads(1)
-    from services.agent import AgentService, AgentServiceConfig
+    from services.agent import AgentFailure, AgentService, AgentServiceConfig
     from agents.spec import AgentSpec, build_agent
 
     try:
         agent = Stamped(build_agent(AgentSpec(agent_id, kind, model=model, conditions=("action",), game=game)))
     except Exception as err:
-        results.put((agent_id, {"error": f"{type(err).__name__}: {err}"}))
+        results.put((agent_id, AgentFailure(agent_id, f"{type(err).__name__}: {err}")))
         return
     results.put((agent_id, {"ready": True}))
     while (cmd := commands.get()) is not None:
@@ -96,8 +96,8 @@ def _worker(kind: str, agent_id: str, model: str, game: str, commands, results) 
         try:
             summary = service.run()
         except Exception as err:
-            summary = {"error": f"{type(err).__name__}: {err}"}
-        results.put((agent_id, {"summary": summary, "rows": agent.rows}))
+            summary = AgentFailure(agent_id, f"{type(err).__name__}: {err}")
+        results.put((agent_id, {"summary": summary, "rows": agent.rows}))  # summary: AgentSummary or AgentFailure
 
 
 @dataclass
@@ -270,8 +270,11 @@ def _frame_clock(rec) -> tuple[list[int], list[int]]:
 
 
 def _agent_stats(w: Worker, out: dict, rec, frame_seqs, frame_ts, act_stamps, t_measure: int) -> dict:
-    if "error" in out or "error" in out.get("summary", {}):
-        return {"kind": w.kind, "error": out.get("error") or out["summary"]["error"]}
+    from services.agent import AgentFailure
+
+    failure = out if isinstance(out, AgentFailure) else out["summary"]
+    if isinstance(failure, AgentFailure):
+        return {"kind": w.kind, "error": failure.error}
     recv = {}
     for step in rec.steps:
         for a in step.actions:
@@ -302,8 +305,8 @@ def _agent_stats(w: Worker, out: dict, rec, frame_seqs, frame_ts, act_stamps, t_
         "kind": w.kind, "stages_ms": {k: _pcts(v) for k, v in stages.items()},
         "staleness_frames": {**_pcts(staleness), "mean": round(float(np.mean(staleness)), 3) if staleness else None},
         "frames_published": published, "decisions": decided, "frames_not_decided": max(0, published - decided),
-        "stale_skipped_total": s["stale_skipped"], "decisions_per_s": round(decided / window_s, 2) if window_s else 0.0,
-        "actions_received": len(recv), "rejoins": s["rejoins"], "errors": s["errors_total"],
+        "stale_skipped_total": s.stale_skipped, "decisions_per_s": round(decided / window_s, 2) if window_s else 0.0,
+        "actions_received": len(recv), "rejoins": s.rejoins, "errors": s.errors_total,
     }
 
 
@@ -439,6 +442,8 @@ def _plot(path: Path, main: PointResult, scaling: list[dict]) -> None:
 def main(seconds: float = 10.0, fps: float = 15.0, point_seconds: float = 3.0, agents_curve: str = "1,2,4,8",
          fps_curve: str = "15,30,60", vlm: bool = True, tr_s: float = 0.5, grace_s: float = 0.3,
          game: str = "ALE/Pong-v5", out_dir: str = "benchmarks/results", warmup_s: float = 1.5) -> dict:
+    from services.agent import AgentFailure
+
     t_begin = time.monotonic()
     counts = [int(x) for x in agents_curve.split(",") if x]
     rates = [float(x) for x in fps_curve.split(",") if x]
@@ -464,8 +469,8 @@ def main(seconds: float = 10.0, fps: float = 15.0, point_seconds: float = 3.0, a
         weights, volumes, affine = _fit_weights(tmp, 512, tr=2.0)
         for _ in workers:  # all models built before anything is timed
             agent_id, msg = results.get(timeout=180)
-            if "error" in msg:
-                raise RuntimeError(f"{agent_id}: {msg['error']}")
+            if isinstance(msg, AgentFailure):
+                raise RuntimeError(f"{agent_id}: {msg.error}")
         t_ready = time.monotonic()
         try:
             main_workers = [workers[0]] + ([workers[-1]] if vlm else [])

@@ -262,12 +262,15 @@ def plant(features_a: list[np.ndarray], features_b: list[np.ndarray], labels: np
     courses = []  # per part: its time course over all runs (T_all,)
     for g, src in enumerate(sources):
         # one time course per part, a random sign per ROI, the same in all its voxels (a regional response)
+        # Each run's course is scaled to unit variance on its own: a game's features are not stationary (a
+        # canonical variate can sit mostly in one run), and the planted fraction must hold in every run,
+        # the held-out one included. The fit z-scores features per run, so this stays in its model class.
         conv = [delay_run(x[:, None], delays) @ hrf for x in src]
+        conv = [c / (c.std() or 1.0) for c in conv]
         courses.append(np.concatenate(conv))
-        sd = np.concatenate(conv).std() or 1.0
         amp = np.sqrt(rho[:, g]) * rng.choice([-1.0, 1.0], size=labels.max() + 1)[labels]
         for r in range(n_runs):
-            parts[r][g] = (conv[r] / sd)[:, None] * amp[None, :]
+            parts[r][g] = conv[r][:, None] * amp[None, :]
     # Noise is made exactly orthogonal to the planted time courses (and a constant) over all runs and
     # scaled to fill each voxel up to unit variance from its measured signal variance: the realised
     # fractions then equal the planted ones up to the per-voxel jitter, whatever the game's features

@@ -3,8 +3,8 @@
 The emulator runs in a thread of this process; every agent runs in its own spawned process
 (one small model per process, 1 torch thread, built by :func:`agents.spec.build_agent`), so a slow
 model never holds the GIL of the emulator or of another agent. :func:`run_closed_loop` runs a live
-game (real time or lockstep, a recording that can be kept, no participant) and returns one summary
-dict: per agent and prompt condition ``decisions``, ``latency_p50_ms``, ``latency_p99_ms``,
+game (real time or lockstep, a recording that can be kept, no participant) and returns one JSON-ready
+summary dict: per agent and prompt condition ``decisions``, ``latency_p50_ms``, ``latency_p99_ms``,
 ``activations``, ``stale_skipped``. ``neuroarcade eval-rl --path service`` plays its games through it
 (lockstep, the RL agent as controller, returns read from the kept recording). ``neuroarcade demo`` and
 ``replay-session`` replay a participant's run through ``pipelines.session.ClosedLoop`` instead (replay,
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from agents.spec import AgentSpec, build_agent
+from services.agent import AgentFailure, AgentSummary
 from services.emulator import EmulatorConfig
 from services.plumbing.game import GameSettings
 from services.plumbing.transport import free_tcp_endpoint
@@ -40,7 +41,7 @@ def _agent_process(spec: AgentSpec, game: str, frames: str, control: str, ready,
         results.put((spec.agent_id, service.run()))
     except Exception as err:  # report instead of dying silently
         ready.set()
-        results.put((spec.agent_id, {"error": f"{type(err).__name__}: {err}"}))
+        results.put((spec.agent_id, AgentFailure(spec.agent_id, f"{type(err).__name__}: {err}")))
     finally:
         if agent is not None and hasattr(agent, "close"):
             agent.close()  # shuts an in-process vLLM engine down
@@ -68,10 +69,12 @@ class AgentProcesses:
         for ready in self._readies:
             ready.wait(max(0.0, t_end - time.monotonic()))
 
-    def stop(self) -> dict[str, dict]:
-        """Stop every service; return each agent's summary (an ``error`` entry for a process that died)."""
+    def stop(self) -> dict[str, AgentSummary | AgentFailure]:
+        """Stop every service; return each reporting agent's summary, or its failure (a process that raised).
+
+        A process that died without reporting is absent (:func:`summarize_loop` reports it as failed)."""
         self._stop.set()
-        summaries = {}
+        summaries: dict[str, AgentSummary | AgentFailure] = {}
         for _ in self._procs:
             try:
                 agent_id, summary = self._results.get(timeout=30)
@@ -179,20 +182,22 @@ def _accepted_actions(emulator) -> dict[str, int]:
     return {}
 
 
-def summarize_loop(agents: list[AgentSpec], summaries: dict, run_s: float, steps: int, game: str, emu) -> dict:
-    """The closed loop's summary: one entry per agent and prompt condition (decisions, latency, activations)."""
+def summarize_loop(agents: list[AgentSpec], summaries: dict[str, AgentSummary | AgentFailure], run_s: float,
+                   steps: int, game: str, emu) -> dict:
+    """The closed loop's summary (JSON-ready): one entry per agent and prompt condition (decisions, latency,
+    activations); an agent that failed or never reported gets one entry with its ``error``."""
     entries = []
     for spec in agents:
-        s = summaries.get(spec.agent_id, {"error": "no summary (agent process died)"})
-        if "error" in s:
-            entries.append({"agent_id": spec.agent_id, "kind": spec.kind, "condition": "", "error": s["error"],
+        s = summaries.get(spec.agent_id) or AgentFailure(spec.agent_id, "no summary (agent process died)")
+        if isinstance(s, AgentFailure):
+            entries.append({"agent_id": spec.agent_id, "kind": spec.kind, "condition": "", "error": s.error,
                             "decisions": 0, "latency_p50_ms": 0.0, "latency_p99_ms": 0.0, "activations": 0,
                             "stale_skipped": 0})
             continue
-        for cond, c in s["conditions"].items():
-            entries.append({"agent_id": spec.agent_id, "kind": spec.kind, "model": s["model"], "role": s["role"],
-                            "condition": cond, **c, "stale_skipped": s["stale_skipped"],
-                            "frame_age_max_ms": s["frame_age_max_ms"], "errors": s["errors_total"]})
+        for cond, c in s.conditions.items():
+            entries.append({"agent_id": spec.agent_id, "kind": spec.kind, "model": s.model, "role": s.role,
+                            "condition": cond, **asdict(c), "stale_skipped": s.stale_skipped,
+                            "frame_age_max_ms": s.frame_age_max_ms, "errors": s.errors_total})
     return {
         "game": game, "duration_s": round(run_s, 3),
         "emulator": {"steps": steps, "steps_per_s": round(steps / run_s, 2) if run_s else 0.0,

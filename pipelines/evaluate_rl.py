@@ -152,8 +152,27 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str], None] | None = None) -> 
 # --- model card --------------------------------------------------------------------------------
 
 
-def plot_training_curve(log_jsonl: str | Path, png: str | Path, title: str) -> Path:
-    """Mean raw return of the last 20 training games against frames, from ``OUT.log.jsonl``."""
+def training_logs(checkpoint: str | Path) -> list[tuple[int, Path]]:
+    """(frames before the stage, log path) per training stage of ``checkpoint``, oldest first: the stages
+    its sidecar lists (a warm-started run continues an earlier one), logs beside the checkpoint."""
+    import json
+
+    ckpt = Path(checkpoint)
+    try:
+        meta = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    stages = meta.get("stages") or [{"frames": meta.get("frames", 0), "log": ckpt.name + ".log.jsonl"}]
+    out, before = [], 0
+    for st in stages:
+        out.append((before, ckpt.with_name(Path(st["log"]).name)))
+        before += int(st["frames"])
+    return out
+
+
+def plot_training_curve(checkpoint: str | Path, png: str | Path, title: str) -> Path:
+    """Mean raw return of the last 20 training games against frames, from the training logs of every
+    stage of ``checkpoint`` (``training_logs``); a dotted line marks where a warm-started stage began."""
     import json
 
     import matplotlib
@@ -161,11 +180,17 @@ def plot_training_curve(log_jsonl: str | Path, png: str | Path, title: str) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(l) for l in Path(log_jsonl).read_text().splitlines() if l.strip()]
-    pts = [(r["frames"] / 1e6, r["episode_return_mean"]) for r in rows if r.get("episode_return_mean") is not None]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    if pts:
-        ax.plot(*zip(*pts), lw=1.2)
+    for k, (before, log) in enumerate(training_logs(checkpoint)):
+        if not log.is_file():
+            continue
+        rows = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
+        pts = [((before + r["frames"]) / 1e6, r["episode_return_mean"]) for r in rows
+               if r.get("episode_return_mean") is not None]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.2, color="C0")
+        if k:
+            ax.axvline(before / 1e6, color="0.5", ls=":", lw=1)
     ax.set_xlabel("emulator frames (millions)")
     ax.set_ylabel("return (mean of last 20 games)")
     ax.set_title(title, fontsize=10)
@@ -202,21 +227,27 @@ def record_in_card(summary: EvalSummary, command: str, curve_png: str | Path | N
 
 def _card_text(name: str, meta: dict) -> str:
     cfg = meta.get("config", {})
-    minutes = meta.get("train_seconds", 0) / 60
+    minutes = sum((st.get("train_seconds") or 0) for st in meta.get("stages", [])) / 60 \
+        if meta.get("stages") else meta.get("train_seconds", 0) / 60
     lines = [
         f"# {name}: PPO Nature-CNN for {meta.get('env_id', '?')}", "",
         "Trained here with `neuroarcade train-rl` (CleanRL's Atari PPO recipe on ale-py's vector env); "
         "the RL agent service loads it by default for this game.", "",
         "| | |", "|---|---|",
         f"| game | {meta.get('env_id')} ({meta.get('n_actions')} actions), ale-py {meta.get('ale_py_version')} |",
-        f"| frames | {meta.get('frames', 0):,} ({meta.get('iterations')} iterations of "
-        f"{cfg.get('num_envs')} envs × {cfg.get('num_steps')} steps × frameskip 4) |",
+        f"| frames | {meta.get('total_frames', meta.get('frames', 0)):,} in all; this stage "
+        f"{meta.get('frames', 0):,} ({meta.get('iterations')} iterations of "
+        f"{cfg.get('num_envs')} envs × {cfg.get('num_steps')} steps × frameskip 4"
+        + (f", stopped early: {meta['planned_iterations']} planned" if meta.get("planned_iterations", meta.get(
+            "iterations")) != meta.get("iterations") else "") + ") |",
         f"| seed | {meta.get('seed')} |",
         f"| play | sticky actions {cfg.get('sticky')}, no FIRE on reset, whole games (a lost life cuts the "
         f"value bootstrap only), up to {meta.get('observation', {}).get('noop_max')} NOOPs at reset |",
         f"| precision | {'bf16 autocast' if meta.get('bf16') else 'fp32'}, channels-last "
         f"{cfg.get('channels_last')}; weights stored fp16 |",
-        f"| command | `{meta.get('command')}` |",
+        *([f"| stage {k + 1} | `{st.get('command')}` ({st.get('frames', 0):,} frames, seed {st.get('seed')}, "
+           f"{(st.get('train_seconds') or 0) / 60:.0f} min) |" for k, st in enumerate(meta["stages"])]
+          if len(meta.get("stages", [])) > 1 else [f"| command | `{meta.get('command')}` |"]),
         f"| wall time | {minutes:.0f} min on {meta.get('machine')} (torch {meta.get('torch_version')}) |",
         f"| training return | {meta.get('episode_return_last')} (mean of the last 20 training games) |", "",
     ]

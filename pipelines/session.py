@@ -313,6 +313,9 @@ class ClosedLoop:
         self.streams: list[str] = []
         self.emulator = None
         self.dashboard = None
+        self.predictions: list[str] = []
+        """The encoding services' prediction endpoints (the dashboard subscribes to them)."""
+        self.trigger_sources: tuple[str, ...] = ()
         self._emu_result: dict = {}
 
     def thread(self, target, name: str) -> threading.Thread:
@@ -334,6 +337,8 @@ class ClosedLoop:
         """One encoding service per weights file; BOLD from ``self.bold``, triggers from there or ``trigger_sources``."""
         from services.encoding import EncodingServiceConfig, run_encoding_service
 
+        self.trigger_sources = tuple(trigger_sources)
+
         for spec in self.specs:
             for cond in (spec.conditions if spec.kind == "vlm" else [""]):
                 key = stream_key(spec.agent_id, cond)
@@ -341,8 +346,9 @@ class ClosedLoop:
                     self.progress(f"no weights for {key}: not scored")
                     continue
                 self.streams.append(key)
+                self.predictions.append(free_tcp_endpoint())
                 ecfg = EncodingServiceConfig(weights=str(self.p.weights[key]), activations=[spec.activations_endpoint],
-                                             bold=[self.bold, *trigger_sources], predictions=free_tcp_endpoint(),
+                                             bold=[self.bold, *trigger_sources], predictions=self.predictions[-1],
                                              out_dir=str(self.out),
                                              out_stem=key, n_trs=n_trs)
                 ecfg.core.agent_id = spec.agent_id
@@ -357,7 +363,8 @@ class ClosedLoop:
 
         self.dashboard = Dashboard(DashboardConfig(
             frames=self.frames, control=self.control, activations=[s.activations_endpoint for s in self.specs],
-            bold=[self.bold], predictions=[], atlas=str(self.p.atlas), atlas_labels=str(self.p.atlas_labels),
+            bold=[self.bold, *self.trigger_sources], predictions=list(self.predictions), atlas=str(self.p.atlas),
+            atlas_labels=str(self.p.atlas_labels),
             port=port, play=play))
         self.dashboard.start()
         if on_url:
@@ -376,6 +383,7 @@ class ClosedLoop:
 
     def finish(self, run: str) -> dict:
         from pipelines.closed_loop import summarize_loop
+        from services.agent import AgentSummary
 
         self.stop.set()
         summaries = self.agents.stop()
@@ -389,7 +397,8 @@ class ClosedLoop:
         game = self.emulator.game.settings.game
         agents = summarize_loop(self.specs, summaries, emu.duration_s if emu else 0.0, emu.steps if emu else 0, game, emu)
         for entry in agents["agents"]:  # keep the first error messages, not only their count
-            entry["error_samples"] = summaries.get(entry["agent_id"], {}).get("errors", [])[:3]
+            s = summaries.get(entry["agent_id"])
+            entry["error_samples"] = s.errors[:3] if isinstance(s, AgentSummary) else []
         recovery = _recovery_from_outputs(self.p, run, self.out, self.streams) if run != "live" else None
         return _finish(self.out, run, self.streams, agents, self.encoder_reports, self.progress,
                        replay_verified=bool(emu and emu.hash_mismatches == 0 and emu.steps > 0),

@@ -67,6 +67,66 @@ class AgentServiceConfig:
 
 
 @dataclass
+class ConditionSummary:
+    """One prompt condition's share of an agent service run (``""`` for an agent without conditions)."""
+
+    decisions: int
+    """Actions decided (and sent) for this condition."""
+    latency_p50_ms: float
+    """Median frame received → decided, over the last ``STATS_WINDOW`` decisions."""
+    latency_p99_ms: float
+    """99th percentile of the same."""
+    activations: int
+    """Activation messages published for this condition (one per pooling and decision)."""
+
+
+@dataclass
+class AgentSummary:
+    """What :meth:`AgentService.run` returns; ``dataclasses.asdict`` gives the ``--json`` summary."""
+
+    agent_id: str
+    """Client name the service joined as."""
+    model: str
+    """The agent's model name (``Agent.name``)."""
+    role: str
+    """``controller`` or ``observer`` (as the emulator granted it)."""
+    duration_s: float
+    """Seconds from start to stop, joining included."""
+    decisions: int
+    """Frames decided on (all conditions together count once)."""
+    conditions: dict[str, ConditionSummary]
+    """Per prompt condition: decisions, latency and activations."""
+    stale_skipped: int
+    """Frames replaced unseen by a newer one (client and mailbox together)."""
+    frames_received: int
+    """Frames the GameClient received."""
+    rejoins: int
+    """Times the client joined again after the emulator restarted or fell silent."""
+    illegal_actions: int
+    """Actions outside the game's action set (never sent)."""
+    frame_age_p50_ms: float
+    """Median decision start minus the frame's emulator time stamp (same host only; recent window)."""
+    frame_age_max_ms: float
+    """The largest frame age of the whole run."""
+    stage_mean_ms: dict[str, float]
+    """Mean milliseconds per decision of each timed stage (``decision``, ``preprocess``, ``model`` …)."""
+    errors_total: int
+    """Model errors and emulator Error replies, all counted."""
+    errors: list[str]
+    """The first few error messages (the service's, then the client's)."""
+
+
+@dataclass
+class AgentFailure:
+    """An agent service that returned no summary: its process failed to build the agent, died or raised."""
+
+    agent_id: str
+    """Client name of the failed agent."""
+    error: str
+    """What went wrong (``"<ExceptionType>: <message>"``)."""
+
+
+@dataclass
 class _ConditionStats:
     decisions: int = 0
     activations: int = 0
@@ -130,7 +190,7 @@ class _Mailbox:
 
 
 class AgentService:
-    """One agent connected to one emulator; ``run()`` blocks and returns a summary dict.
+    """One agent connected to one emulator; ``run()`` blocks and returns an :class:`AgentSummary`.
 
     Two threads: the I/O thread owns the GameClient (frames, actions, heartbeats, rejoins) and
     reads frames continuously into a one-slot mailbox, so no backlog can build up in ZMQ or
@@ -173,7 +233,7 @@ class AgentService:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def run(self) -> dict:
+    def run(self) -> AgentSummary:
         cfg = self.cfg
         if cfg.activations_endpoint:  # refuse an exposed PUB without keys before joining the game
             check_bind(cfg.activations_endpoint, cfg.curve)
@@ -364,7 +424,8 @@ class AgentService:
             pass
 
     def snapshot(self) -> dict:
-        """Counters and gauges for Prometheus (read from the metrics thread: copies of plain numbers)."""
+        """Counters and gauges for Prometheus: the document ``serve_metrics`` renders (hence a dict, not a
+        summary); read from the metrics thread, so copies of plain numbers."""
         client = self._client
         st = client.stats if client is not None else None
         stats = list(self.stats.items())  # the decision thread may add a condition meanwhile
@@ -391,27 +452,27 @@ class AgentService:
                        "decision_latency_p99_ms": "condition"},
         }
 
-    def summary(self, client: GameClient, duration_s: float) -> dict:
-        per = {}
-        for cond, st in self.stats.items():
-            per[cond] = {"decisions": st.decisions, "latency_p50_ms": _pct(st.latencies_ns, 50),
-                         "latency_p99_ms": _pct(st.latencies_ns, 99), "activations": st.activations}
-        return {
-            "agent_id": self.cfg.agent_id, "model": self.agent.name, "role": client.role,
-            "duration_s": duration_s, "decisions": self.decisions, "conditions": per,
-            "stale_skipped": client.stats.frames_skipped + self._mailbox.replaced,
-            "frames_received": client.stats.frames_received,
-            "rejoins": client.stats.rejoins, "illegal_actions": self.illegal,
-            "frame_age_p50_ms": _pct(self.frame_ages_ns, 50),
-            "frame_age_max_ms": self.frame_age_max_ns / 1e6,
-            "stage_mean_ms": {k: v / max(self.decisions, 1) for k, v in self.stage_ms.items()},
-            "errors_total": self.errors_total + client.stats.errors_total,
-            "errors": self.errors[:5] + client.stats.errors[:5],
-        }
+    def summary(self, client: GameClient, duration_s: float) -> AgentSummary:
+        per = {cond: ConditionSummary(decisions=st.decisions, latency_p50_ms=_pct(st.latencies_ns, 50),
+                                      latency_p99_ms=_pct(st.latencies_ns, 99), activations=st.activations)
+               for cond, st in self.stats.items()}
+        return AgentSummary(
+            agent_id=self.cfg.agent_id, model=self.agent.name, role=client.role,
+            duration_s=duration_s, decisions=self.decisions, conditions=per,
+            stale_skipped=client.stats.frames_skipped + self._mailbox.replaced,
+            frames_received=client.stats.frames_received,
+            rejoins=client.stats.rejoins, illegal_actions=self.illegal,
+            frame_age_p50_ms=_pct(self.frame_ages_ns, 50),
+            frame_age_max_ms=self.frame_age_max_ns / 1e6,
+            stage_mean_ms={k: v / max(self.decisions, 1) for k, v in self.stage_ms.items()},
+            errors_total=self.errors_total + client.stats.errors_total,
+            errors=self.errors[:5] + client.stats.errors[:5],
+        )
 
 
-def run_agent_service(agent: Agent, cfg: AgentServiceConfig, stop_event: threading.Event | None = None) -> dict:
-    """Run until duration/max_decisions/stop_event; returns the summary dict."""
+def run_agent_service(agent: Agent, cfg: AgentServiceConfig,
+                      stop_event: threading.Event | None = None) -> AgentSummary:
+    """Run until duration/max_decisions/stop_event; returns the run's summary."""
     service = AgentService(agent, cfg)
     if stop_event is not None:
         service.stop_event = stop_event

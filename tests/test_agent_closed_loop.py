@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import pickle
+from dataclasses import asdict
+
 import pytest
 
-from pipelines.closed_loop import LoopConfig, run_closed_loop
+from agents.spec import AgentSpec
+from pipelines.closed_loop import LoopConfig, run_closed_loop, summarize_loop
+from services.agent import AgentFailure, AgentSummary, ConditionSummary
 
 
 @pytest.mark.slow
@@ -26,3 +32,34 @@ def test_closed_loop_reports_decisions_and_activations_per_agent_and_condition()
     assert summary["emulator"]["steps"] > 0
     for key, e in entries.items():
         assert e["decisions"] <= summary["emulator"]["frames_published"], (key, e)
+
+
+def _summary(agent_id: str, **conditions) -> AgentSummary:
+    return AgentSummary(agent_id=agent_id, model="m", role="observer", duration_s=1.0, decisions=3,
+                        conditions={c: ConditionSummary(*v) for c, v in conditions.items()}, stale_skipped=2,
+                        frames_received=9, rejoins=0, illegal_actions=0, frame_age_p50_ms=1.0, frame_age_max_ms=4.0,
+                        stage_mean_ms={"decision": 2.0}, errors_total=1, errors=["frame 3: ValueError: x"])
+
+
+def test_agent_summaries_are_typed_and_the_loop_summary_reads_them():
+    """Agent processes hand back an AgentSummary or an AgentFailure (pickled across spawn); the loop's JSON
+    summary and the ``--json`` keys stay as documented."""
+    ok = _summary("vlm-0", action=(3, 1.5, 2.5, 6), reasoning=(3, 1.0, 2.0, 6))
+    assert pickle.loads(pickle.dumps(ok)) == ok
+    assert list(asdict(ok)) == ["agent_id", "model", "role", "duration_s", "decisions", "conditions",
+                                "stale_skipped", "frames_received", "rejoins", "illegal_actions", "frame_age_p50_ms",
+                                "frame_age_max_ms", "stage_mean_ms", "errors_total", "errors"]
+    assert asdict(ok)["conditions"]["action"] == {"decisions": 3, "latency_p50_ms": 1.5, "latency_p99_ms": 2.5,
+                                                  "activations": 6}
+    specs = [AgentSpec("vlm-0", "vlm"), AgentSpec("rl-0", "rl"), AgentSpec("rl-1", "rl")]
+    out = summarize_loop(specs, {"vlm-0": ok, "rl-0": AgentFailure("rl-0", "RuntimeError: boom")}, 2.0, 10,
+                         "ALE/Pong-v5", None)
+    json.dumps(out)
+    assert out["agents"][0] == {"agent_id": "vlm-0", "kind": "vlm", "model": "m", "role": "observer",
+                                "condition": "action", "decisions": 3, "latency_p50_ms": 1.5, "latency_p99_ms": 2.5,
+                                "activations": 6, "stale_skipped": 2, "frame_age_max_ms": 4.0, "errors": 1}
+    assert out["agents"][1]["condition"] == "reasoning"
+    failed = {e["agent_id"]: e for e in out["agents"][2:]}
+    assert failed["rl-0"]["error"] == "RuntimeError: boom" and failed["rl-0"]["decisions"] == 0
+    assert failed["rl-1"]["error"] == "no summary (agent process died)"
+    assert out["emulator"] == {"steps": 10, "steps_per_s": 5.0, "frames_published": None}

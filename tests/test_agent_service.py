@@ -14,7 +14,7 @@ from agents.rl import CheckpointError, RLAgent, RLConfig, nature_cnn
 from agents.tiny import build_tiny
 from agents.vlm import VLMAgent, VLMConfig, pool_hidden
 from protocols import Activation, Decoder, Frame
-from services.agent import AgentService, AgentServiceConfig
+from services.agent import AgentService, AgentServiceConfig, AgentSummary
 from services.plumbing.recording import read_recording
 from services.plumbing.transport import TOPIC_ACTIVATION, TOPIC_FRAME, free_tcp_endpoint, split_topic
 
@@ -46,7 +46,7 @@ class Running:
         except BaseException as err:  # handed to the test thread
             self.result["error"] = err
 
-    def finish(self, timeout: float = 30) -> dict:
+    def finish(self, timeout: float = 30) -> AgentSummary:
         self.service.stop()
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "agent service did not stop"
@@ -98,7 +98,7 @@ def test_published_activations_equal_the_model_run_directly(start_emulator, tiny
     summary = running.finish()
     frames_sub.close(0)
     acts_sub.close(0)
-    assert summary["decisions"] > 0 and summary["illegal_actions"] == 0
+    assert summary.decisions > 0 and summary.illegal_actions == 0
 
     # The same model, run directly with transformers on the same frame and prompt, one condition at a time.
     tok = AutoTokenizer.from_pretrained(tiny_vlm)
@@ -136,7 +136,7 @@ def test_actions_are_always_legal(start_emulator, tiny_vlm, tmp_path):
     _wait(lambda: vlm.service.decisions >= 10 and rl.service.decisions >= 10, 180, "decisions")
     s_rl, s_vlm = rl.finish(), vlm.finish()
     summary = emu.stop()
-    assert s_rl["illegal_actions"] == s_vlm["illegal_actions"] == 0
+    assert s_rl.illegal_actions == s_vlm.illegal_actions == 0
     assert "illegal_action" not in summary.counters.rejected_by_code
     logged = [a for step in read_recording(summary.record_path).steps for a in step.actions]
     by_agent = {a.agent_id for a in logged}
@@ -176,7 +176,7 @@ def test_ten_times_too_slow_agent_skips_stale_frames_and_slows_nobody(start_emul
     # on the emulator's clock (working through queued frames would make them one frame period apart)
     for a, b in zip(slow_seqs, slow_seqs[1:]):
         assert t_pub[b] - t_pub[a] >= 0.5 * added_s * 1e9, f"slow agent worked through old frames: {a} -> {b}"
-    assert s_slow["stale_skipped"] >= s_slow["decisions"]  # frames replaced unseen while it was busy
+    assert s_slow.stale_skipped >= s_slow.decisions  # frames replaced unseen while it was busy
     # nobody slowed: while the slow agent sat on each decision, the emulator kept stepping and the
     # controller kept acting on the frames in between
     for a, b in zip(slow_seqs, slow_seqs[1:]):
@@ -185,7 +185,7 @@ def test_ten_times_too_slow_agent_skips_stale_frames_and_slows_nobody(start_emul
     first, last = slow_seqs[0], slow_seqs[-1]
     in_window = [q for q in acted["rl-0"] if first <= q <= last]
     assert len(in_window) >= 0.5 * (last - first + 1), f"controller acted on {len(in_window)} of {last - first + 1}"
-    assert s_fast["decisions"] > s_slow["decisions"]
+    assert s_fast.decisions > s_slow.decisions
 
 
 @pytest.mark.slow
@@ -201,7 +201,7 @@ def test_rejoins_when_the_emulator_restarts(start_emulator):
     summary = rl.finish()
     s2 = second.stop()
     assert s1.session_id != s2.session_id
-    assert summary["rejoins"] >= 1
+    assert summary.rejoins >= 1
     logged = [a for step in read_recording(s2.record_path).steps for a in step.actions]
     assert any(a.agent_id == "rl-0" for a in logged)
 
@@ -270,8 +270,8 @@ def test_per_decision_stats_stay_bounded_over_a_long_run():
         metrics = ok.snapshot()
     finally:
         client.close()
-    assert summary["decisions"] == summary["conditions"][""]["decisions"] == n
-    assert 0 < summary["conditions"][""]["latency_p50_ms"] <= summary["conditions"][""]["latency_p99_ms"]
-    assert summary["frame_age_max_ms"] >= 5000  # the whole run's maximum, not the window's
-    assert bad["errors_total"] == ERROR_SAMPLES + 50 and len(bad["errors"]) == 5
+    assert summary.decisions == summary.conditions[""].decisions == n
+    assert 0 < summary.conditions[""].latency_p50_ms <= summary.conditions[""].latency_p99_ms
+    assert summary.frame_age_max_ms >= 5000  # the whole run's maximum, not the window's
+    assert bad.errors_total == ERROR_SAMPLES + 50 and len(bad.errors) == 5
     assert metrics["counters"]["decisions"] == n and metrics["gauges"]["decision_latency_p99_ms"]["-"] > 0

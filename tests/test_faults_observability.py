@@ -51,7 +51,7 @@ def test_agent_service_metrics_and_status(start_emulator):
         service.stop()
         th.join(30)
         emu.stop()
-    assert box["s"]["decisions"] >= 10
+    assert box["s"].decisions >= 10
 
 
 def test_encoding_service_metrics_and_status(tmp_path):

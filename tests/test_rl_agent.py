@@ -238,6 +238,13 @@ def test_train_rl_resumes_after_sigkill_on_the_same_schedule(tmp_path, pong_fram
     proc.wait()
     killed_at = torch.load(state, weights_only=True)["iteration"]
     assert 4 <= killed_at < 12 and not out.exists(), "killed mid-run, before the final checkpoint"
+    from agents.train_rl import export_state
+
+    early = export_state(out)  # a run stopped early can still ship what it learnt, saying so
+    meta = json.loads(out.with_name(out.name + ".json").read_text())
+    assert early.iterations == meta["iterations"] == killed_at and meta["planned_iterations"] == 12
+    assert "train-rl" in meta["stages"][0]["command"] and "--export" not in meta["stages"][0]["command"]
+    out.unlink()
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
     log = [json.loads(line) for line in out.with_name(out.name + ".log.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in log] == list(range(1, 13))
@@ -258,3 +265,10 @@ def test_train_rl_resumes_after_sigkill_on_the_same_schedule(tmp_path, pong_fram
     with pytest.raises(ValueError, match="other settings"):
         from agents.train_rl import TrainConfig, train
         train(TrainConfig(game="ALE/Pong-v5", frames=4 * 2 * 16 * 12, num_envs=2, num_steps=16, seed=7), out)
+    # a warm start continues from the weights with a new schedule; the sidecar chains both stages
+    more = tmp_path / "more.cleanrl_model"
+    train(TrainConfig(game="ALE/Pong-v5", frames=4 * 2 * 16, num_envs=2, num_steps=16, update_epochs=1,
+                      num_minibatches=2, torch_threads=1, init=str(out)), more)
+    chained = json.loads(more.with_name(more.name + ".json").read_text())
+    assert [st["frames"] for st in chained["stages"]] == [4 * 2 * 16 * 12, 4 * 2 * 16]
+    assert chained["total_frames"] == 4 * 2 * 16 * 13

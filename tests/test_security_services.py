@@ -149,7 +149,7 @@ def test_agent_activation_pub_serves_allowed_subscribers_only(keys, start_emulat
         service.stop()
         th.join(20)
     assert not th.is_alive()
-    assert box["summary"]["frames_received"] > 0 and box["summary"]["decisions"] > 0  # encrypted frames/actions
+    assert box["summary"].frames_received > 0 and box["summary"].decisions > 0  # encrypted frames/actions
     emu.stop()
 
 

@@ -179,7 +179,7 @@ def test_closed_loop_with_the_emulator(engine, tiny_model, start_emulator):
     thread.join(5)
     sub.close(0)
     summary = result["summary"]
-    assert summary["decisions"] >= 10 and summary["illegal_actions"] == 0
+    assert summary.decisions >= 10 and summary.illegal_actions == 0
     assert {a.condition for a in got} == set(CONDITIONS)
     assert {a.pooling for a in got} == {"last_token", "mean_image"}
     assert all(a.vectors.shape == (3, 128) and np.isfinite(a.vectors).all() for a in got)

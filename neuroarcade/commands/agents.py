@@ -109,21 +109,21 @@ def agent(
         if hasattr(built, "close"):
             built.close()
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(asdict(summary)))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{summary['agent_id']} ({summary['model']}, {summary['role']})")
+    table = Table(title=f"{summary.agent_id} ({summary.model}, {summary.role})")
     for col in ("condition", "decisions", "latency p50 ms", "latency p99 ms", "activations"):
         table.add_column(col)
-    for cond, c in summary["conditions"].items():
-        table.add_row(cond or "-", str(c["decisions"]), f"{c['latency_p50_ms']:.1f}", f"{c['latency_p99_ms']:.1f}",
-                      str(c["activations"]))
+    for cond, c in summary.conditions.items():
+        table.add_row(cond or "-", str(c.decisions), f"{c.latency_p50_ms:.1f}", f"{c.latency_p99_ms:.1f}",
+                      str(c.activations))
     console = Console()
     console.print(table)
-    console.print(f"stale frames skipped {summary['stale_skipped']}, rejoins {summary['rejoins']}, "
-                  f"errors {len(summary['errors'])}")
+    console.print(f"stale frames skipped {summary.stale_skipped}, rejoins {summary.rejoins}, "
+                  f"errors {len(summary.errors)}")
 
 
 @models_app.command("build-tiny")
@@ -163,7 +163,7 @@ def train_rl(
 
     if export:
         try:
-            summary = export_state(out, command=shlex.join(["neuroarcade", *sys.argv[1:]]))
+            summary = export_state(out)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--out") from None
         print(json.dumps({k: v for k, v in asdict(summary).items() if k != "config"}))
@@ -217,12 +217,10 @@ def eval_rl(
     if card:
         import shlex
         import sys
-        from pathlib import Path
 
         from pipelines.evaluate_rl import plot_training_curve, record_in_card
 
-        log = Path(summary.checkpoint + ".log.jsonl")
-        png = plot_training_curve(log, curve, f"PPO {game}") if curve and log.is_file() else None
+        png = plot_training_curve(summary.checkpoint, curve, f"PPO {game}") if curve else None
         console.print(f"model card: {record_in_card(summary, shlex.join(['neuroarcade', *sys.argv[1:]]), png)}")
     print(json.dumps(asdict(summary)))
 

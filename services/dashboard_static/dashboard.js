@@ -212,6 +212,16 @@ function lineChart(canvas, opt) {
   ctx.restore();
 }
 
+// Each series z-scored over the TRs shown: the scanner's raw ROI means (≈1000) and the model's
+// predictions (z-units) only share a scale once both are standardised, as the scores compare them.
+function zscore(y) {
+  const v = y.filter((x) => x !== null && Number.isFinite(x));
+  if (v.length < 2) return y;
+  const m = v.reduce((a, b) => a + b, 0) / v.length;
+  const sd = Math.sqrt(v.reduce((a, b) => a + (b - m) * (b - m), 0) / v.length) || 1;
+  return y.map((x) => (x === null || !Number.isFinite(x) ? null : (x - m) / sd));
+}
+
 function renderStreams(streams) {
   const keys = Object.keys(streams).sort();
   let points = 0;
@@ -234,11 +244,11 @@ function renderStreams(streams) {
     const withMeasured = keys.find((k) => streams[k].measured.some((m) => m.length));
     if (withMeasured) {
       const s = streams[withMeasured];
-      series.push({x: s.tr, y: s.measured.map((m) => (m.length > i ? m[i] : null)), color: "#111", width: 1.5});
+      series.push({x: s.tr, y: zscore(s.measured.map((m) => (m.length > i ? m[i] : null))), color: "#111", width: 1.5});
     }
     for (const k of keys) {
       const s = streams[k];
-      series.push({x: s.tr, y: s.predicted.map((p) => (p.length > i ? p[i] : null)), color: streamColor(k), width: 1.6});
+      series.push({x: s.tr, y: zscore(s.predicted.map((p) => (p.length > i ? p[i] : null))), color: streamColor(k), width: 1.6});
     }
     const rs = keys.map((k) => fmt((streams[k].scores || [])[i], 2)).join(" / ");
     lineChart($(`roi-${i}`), {series, xrange: [xlo, Math.max(xhi, xlo + 1)], title: name === "all" ? "all (whole mask)" : name,
