@@ -7,8 +7,13 @@ the run start), so streaming and offline predictions agree to float32 rounding.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import deque
+from dataclasses import dataclass
+
 import numpy as np
 
+from encoders.preprocess import PreprocessCounts, PreprocessedVolume, Preprocessor
 from encoders.weights import EncodingWeights
 
 
@@ -69,3 +74,61 @@ class OnlinePredictor:
         pred_t = (self._torch.from_numpy(self._row).to(self.device) @ self._coef_t)[0]
         self.last_pooled = None if self._pool_t is None else (pred_t @ self._pool_t).cpu().numpy()
         return pred_t.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class LiveVolumeQC:
+    """What the live preprocessing did to one measured volume (for a dashboard: motion trace, FD, time)."""
+
+    tr_index: int
+    params: np.ndarray
+    """(6,) trans_x/y/z mm, rot_x/y/z radians relative to the session's motion reference."""
+    fd: float
+    """Framewise displacement, mm (NaN when the volume was not processed)."""
+    std_dvars: float
+    """DVARS relative to the usual DVARS so far (NaN early)."""
+    excluded: bool
+    """Not scored (censored, warm-up or unusable)."""
+    reason: str
+    """Why it was excluded ("" when scored)."""
+    preprocess_ms: float
+    """Wall time of the whole preprocessing of this volume, ms."""
+
+
+class LivePreprocess:
+    """The weights' recorded preprocessing applied live: ONE :class:`encoders.preprocess.Preprocessor` per
+    session (built from ``weights.preprocess``, on the weights' affine and mask), fed every measured volume
+    in acquisition order.
+
+    The live GLM is always the causal one (nothing after TR t exists at TR t), whether the weights were
+    fitted after ``offline`` (whole-run) or ``causal`` cleaning. The motion reference is the first volume of
+    the session (a recorded ``reference: "given"`` falls back to it too); registering that session
+    reference to the weights' mean EPI (``weights.reference``) is a later step, so for now the session is
+    assumed to start on the fit's grid and head position."""
+
+    def __init__(self, weights: EncodingWeights, max_trace: int = 4096):
+        config = weights.preprocess
+        if config is None:
+            raise ValueError("the weights record no preprocessing (mode 'none')")
+        if config.reference != "first":
+            config = dataclasses.replace(config, reference="first")
+        self.config = config
+        self.preprocessor = Preprocessor(config, weights.affine, mask=weights.mask)
+        self.trace: deque[LiveVolumeQC] = deque(maxlen=max_trace)
+        """The last ``max_trace`` volumes' QC, oldest first."""
+        self.excluded = 0
+        """Volumes not scored (the reasons are counted in :attr:`counts`; one volume can have several)."""
+
+    @property
+    def counts(self) -> PreprocessCounts:
+        """Volumes seen and why volumes were not scored (typed counters: fd, dvars, not_converged, warmup, …)."""
+        return self.preprocessor.counts
+
+    def push(self, tr_index: int, volume: np.ndarray, t_s: float) -> PreprocessedVolume:
+        """Preprocess one (X, Y, Z) volume; ``.data`` (n_voxels,) follows the weights' mask order."""
+        out = self.preprocessor.push(volume, t_s)
+        self.excluded += int(out.excluded)
+        self.trace.append(LiveVolumeQC(tr_index, np.asarray(out.params, np.float64).copy(), float(out.fd),
+                                       float(out.std_dvars), bool(out.excluded), out.reason,
+                                       float(out.timings.total_ms)))
+        return out

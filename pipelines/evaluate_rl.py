@@ -13,6 +13,7 @@ recording. A uniformly random policy plays the same seeds in the same run as the
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -217,8 +218,8 @@ def record_in_card(summary: EvalSummary, command: str, curve_png: str | Path | N
              if (e["path"], e["sticky"], e["seed"], e["episodes"]) != key]
     evals.append({**asdict(summary), "checkpoint": ckpt.name, "command": command})
     meta["evaluations"] = sorted(evals, key=lambda e: (e["path"], -e["sticky"], e["seed"]))
-    if curve_png:
-        meta["curve"] = str(curve_png)
+    if curve_png:  # a link the card (beside the checkpoint) can follow
+        meta["curve"] = os.path.relpath(Path(curve_png).resolve(), ckpt.parent.resolve())
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
     card = ckpt.with_name(ckpt.name.split(".")[0] + ".md")
     card.write_text(_card_text(ckpt.name, meta))
@@ -248,6 +249,8 @@ def _card_text(name: str, meta: dict) -> str:
         *([f"| stage {k + 1} | `{st.get('command')}` ({st.get('frames', 0):,} frames, seed {st.get('seed')}, "
            f"{(st.get('train_seconds') or 0) / 60:.0f} min) |" for k, st in enumerate(meta["stages"])]
           if len(meta.get("stages", [])) > 1 else [f"| command | `{meta.get('command')}` |"]),
+        *(["| warm start | each stage starts from the previous stage's weights (`--init`, a copy of its "
+           "output) with a fresh optimiser and learning-rate schedule |"] if len(meta.get("stages", [])) > 1 else []),
         f"| wall time | {minutes:.0f} min on {meta.get('machine')} (torch {meta.get('torch_version')}) |",
         f"| training return | {meta.get('episode_return_last')} (mean of the last 20 training games) |", "",
     ]

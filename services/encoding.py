@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from encoders.align import TrAligner
+from encoders.preprocess import PreprocessCounts
 from encoders.score import ROI_MEAN, VOXEL_MEAN, RunningPearson, mean_r
-from encoders.stream import OnlinePredictor
+from encoders.stream import LivePreprocess, OnlinePredictor
 from encoders.weights import EncodingWeights, WeightsError, roi_table
 from protocols import Activation, BoldVolume, Prediction, Trigger
 from services.plumbing.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
@@ -66,6 +67,9 @@ class CoreConfig:
     ignore_sibling_streams: bool = False
     """Count (not reject) activations of the weights' model under another prompt condition or pooling:
     set it when the followed agent publishes several conditions/poolings on one socket."""
+    preprocess: bool = True
+    """Apply the preprocessing the weights record (mode ``none``: nothing to apply); False forces it off
+    (comparisons only: the weights' scores then do not mean what the fit meant)."""
 
 
 class EncodingCore:
@@ -95,6 +99,11 @@ class EncodingCore:
         self.voxel_scores = RunningPearson(weights.n_voxels)
         self.errors: Counter[str] = Counter()
         self.first_error: dict[str, str] = {}
+        self.preprocess = (LivePreprocess(weights) if self.cfg.preprocess and weights.preprocess_mode != "none"
+                           else None)
+        """The weights' preprocessing applied to every measured volume (None: volumes scored as they come)."""
+        self.excluded_trs: set[int] = set()
+        """Measured TRs the preprocessing excluded (not scored; reasons in ``preprocess.counts``)."""
         self.ignored = 0
         """Activations of the same model under another prompt condition or pooling (not for these weights)."""
 
@@ -168,6 +177,12 @@ class EncodingCore:
         masked = data[self.weights.mask].astype(np.float32)
         if not np.all(np.isfinite(masked)):
             raise InputError("bad_volume", f"BOLD volume {tr_index} has non-finite values in the mask")
+        if self.preprocess is not None:  # the full 3-D volume: realignment needs it
+            out = self.preprocess.push(tr_index, data, tr_index * self.tr_ns / 1e9)
+            if out.excluded:
+                self.excluded_trs.add(tr_index)
+                return []
+            masked = out.data
         self.roi_measured[tr_index] = (masked @ self._pool).astype(np.float64)
         if tr_index in self.predictions:
             return [self._score(tr_index, masked)]
@@ -199,7 +214,7 @@ class EncodingCore:
     def run_complete(self, n_trs: int, now_ns: int) -> bool:
         """True once TRs 0..n_trs-1 all have a measured volume and TR n_trs-1 ended ``grace_s`` ago."""
         last = self.triggers.get(n_trs - 1)
-        return (last is not None and all(t in self.roi_measured for t in range(n_trs))
+        return (last is not None and all(t in self.roi_measured or t in self.excluded_trs for t in range(n_trs))
                 and now_ns - last >= self.tr_ns + int(self.cfg.grace_s * 1e9))
 
     def finish(self) -> list[Prediction]:
@@ -319,6 +334,8 @@ class EncodingServiceReport:
     """Per feature space: decisions, before_scan, late, empty_trs (encoders.align.AlignCounts)."""
     stamps: list[tuple[str, str, int, int]] = field(default_factory=list)
     """``(kind, agent_id, frame seq or TR index, receipt monotonic ns)`` of the last ``keep_stamps`` inputs."""
+    preprocess: PreprocessCounts | None = None
+    """Volumes the weights' preprocessing saw and why it excluded some (None: the weights record none)."""
 
 
 def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | None = None, ctx=None,
@@ -447,5 +464,5 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
         first_errors=dict(core.first_error), scores=core.scores_rows(), outputs=outputs,
         received=inbox.counters.received, rejected_messages=inbox.counters.rejected,
         alignment={s.name: dict(a.counts.__dict__) for s, a in zip(core.weights.spaces, core.aligners)},
-        stamps=list(stamps),
+        stamps=list(stamps), preprocess=core.preprocess.counts if core.preprocess is not None else None,
     )

@@ -108,6 +108,8 @@ def _fit(ds: dict, out: Path, *extra: str, derivatives: Path | None = None):
     args = ["fit", "--bids", str(ds["root"]), "--derivatives", str(derivatives or ds["derivatives"]),
             "--subject", "01", "--task", "game", "--output-space", SPACE, "--delays", "1", "2",
             "--alphas", "1", "10", "100", "1000", "--out", str(out), "--quiet", *extra]
+    if "--preprocess" not in extra:  # cleaning is opt-in (the default is none)
+        args += ["--preprocess", "offline"]
     return CliRunner().invoke(app, args)
 
 
@@ -211,7 +213,7 @@ def test_unusable_derivatives_are_one_error_line(dataset, tmp_path, case):
         drop = lines[0].index("trans_y")
         tsv.write_text("\n".join("\t".join(c for k, c in enumerate(row) if k != drop) for row in lines) + "\n")
         want = f"error: {tsv}: missing column(s) trans_y (needed by --confounds motion24)"
-        extra = ["--confounds", "motion24"]
+        extra = ["--confounds", "motion24", "--preprocess", "offline"]
     args = ["fit", "--bids", str(dataset["root"]), "--derivatives", str(deriv), "--subject", "01",
             "--out", str(tmp_path / "w.safetensors"), "--quiet", *extra]
     if case == "missing_column":

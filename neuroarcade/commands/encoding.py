@@ -16,9 +16,10 @@ FIT_HELP = """Fit a voxelwise encoding model (ridge, alpha per voxel by leave-on
   neuroarcade fit --bids DATASET --derivatives DATASET/derivatives/fmriprep --subject 01 --task x \
       --output-space MNI152NLin2009cAsym --confounds motion24,acompcor --out W.safetensors
 
-The BOLD is cleaned before the ridge (--preprocess, default offline: per run, regression of the constant, a
-cosine drift basis at --high-pass and the --confounds, then z-score; none = z-score only, as before this
-option existed); the weights file records the mode and every setting.
+The BOLD can be cleaned before the ridge (--preprocess offline: per run, regression of the constant, a
+cosine drift basis at --high-pass and the --confounds, then z-score; causal: as live; default none =
+per-run z-score only, until the features are filtered the same way); the weights file records the mode
+and every setting.
 
 Several feature spaces (--features plus --space NAME F1 F2 …, or several spaces in --bids) are fitted
 jointly with banded ridge; with two spaces --partition adds variance partitioning."""
@@ -41,10 +42,10 @@ def _fit_parser() -> argparse.ArgumentParser:
     p.add_argument("--ses", "--session", dest="ses", help="BIDS session label (with --derivatives)")
     p.add_argument("--output-space", help="fMRIPrep output space, e.g. MNI152NLin2009cAsym (with --derivatives; "
                                           "default: the only one)")
-    p.add_argument("--preprocess", choices=["none", "offline", "causal"], default="offline",
-                   help="cleaning of the BOLD before the ridge: offline (default) = per run, regress the constant, "
+    p.add_argument("--preprocess", choices=["none", "offline", "causal"], default="none",
+                   help="cleaning of the BOLD before the ridge: none (default) = per-run z-score only; offline = per run, regress the constant, "
                         "cosine drift and --confounds out, then z-score; causal = as live, each volume on the "
-                        "volumes up to it (warm-up volumes 0); none = per-run z-score only")
+                        "volumes up to it (warm-up volumes 0)")
     p.add_argument("--confounds", nargs="+", default=None, metavar="SET",
                    help="fMRIPrep confound sets to regress: motion6, motion12, motion24, acompcor, wm_csf, "
                         "global_signal, cosine (combine: motion24,acompcor), none, or auto (default: motion6 for "
