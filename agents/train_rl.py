@@ -351,7 +351,7 @@ def training_stages(path: str | None) -> list[dict]:
     if "stages" in meta:
         return list(meta["stages"])
     return [{"command": meta.get("command", ""), "frames": int(meta.get("frames", 0)), "seed": meta.get("seed"),
-             "train_seconds": meta.get("train_seconds"), "log": meta.get("log")}]
+             "train_seconds": meta.get("train_seconds"), "log": meta.get("log") or Path(path).name + ".log.jsonl"}]
 
 
 def _truncate_log(path: Path, iteration: int) -> None:

@@ -156,14 +156,10 @@ def evaluate(cfg: EvalConfig, progress: Callable[[str], None] | None = None) -> 
 def training_logs(checkpoint: str | Path) -> list[tuple[int, Path]]:
     """(frames before the stage, log path) per training stage of ``checkpoint``, oldest first: the stages
     its sidecar lists (a warm-started run continues an earlier one), logs beside the checkpoint."""
-    import json
+    from agents.train_rl import training_stages
 
     ckpt = Path(checkpoint)
-    try:
-        meta = json.loads(ckpt.with_name(ckpt.name + ".json").read_text())
-    except (OSError, ValueError):
-        meta = {}
-    stages = meta.get("stages") or [{"frames": meta.get("frames", 0), "log": ckpt.name + ".log.jsonl"}]
+    stages = training_stages(str(ckpt)) or [{"frames": 0, "log": ckpt.name + ".log.jsonl"}]
     out, before = [], 0
     for st in stages:
         out.append((before, ckpt.with_name(Path(st["log"]).name)))
