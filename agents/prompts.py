@@ -79,11 +79,16 @@ def action_labels(tokenizer, meanings: list[str] | tuple[str, ...]) -> ActionLab
 
 
 def build_messages(condition_text: str, n_images: int, labels: ActionLabels) -> list[dict]:
-    """Chat messages: system, then the user turn with the images first and the condition text last."""
+    """Chat messages: system, then the user turn with the images first and the condition text last.
+
+    Every content is a list of typed parts (not a bare string): some families' hub templates (Idefics3)
+    iterate the parts of every message.
+    """
     instruction = f"Actions: {labels.menu()}. Answer with one letter."
     text = f"{condition_text} {instruction}".strip()
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+    return [{"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
+            {"role": "user", "content": content}]
 
 
 def label_probs(label_logits: np.ndarray) -> np.ndarray:

@@ -102,9 +102,13 @@ class VllmConfig:
     enable_prefix_caching: bool = True
     """Share the system + image KV between prompt conditions (see module doc for activations)."""
     max_pixels: int | None = 224 * 168
-    """Image budget per frame: a 210×160 Atari frame at native resolution (48 Qwen2.5-VL tokens)."""
+    """Qwen families: image budget per frame, a 210×160 Atari frame at native resolution (48 Qwen2.5-VL tokens)."""
     min_pixels: int | None = None
-    """Lower image budget (None: the model's processor default)."""
+    """Qwen families: lower image budget (None: the model's processor default)."""
+    family: str = ""
+    """transformers model_type (agents/families.py); '' = the Qwen defaults above (set by :class:`VllmBackend`)."""
+    mm_processor_kwargs: dict = field(default_factory=dict)
+    """Other families' image settings for vLLM's processor (e.g. InternVL ``crop_to_patches``)."""
     max_images: int = 4
     """``limit_mm_per_prompt`` for images (the paper feeds 4 frames per decision)."""
     gpu_memory_utilization: float = 0.85
@@ -125,7 +129,12 @@ class VllmConfig:
 
 def engine_kwargs(cfg: VllmConfig) -> dict:
     """``vllm.LLM`` arguments: eager (hooks), float32/bf16, prefix caching, image budget, our worker extension."""
-    mm = {k: v for k, v in (("max_pixels", cfg.max_pixels), ("min_pixels", cfg.min_pixels)) if v}
+    from agents.families import FAMILIES
+
+    mm = dict(cfg.mm_processor_kwargs)
+    fam = FAMILIES.get(cfg.family)
+    if fam is None or fam.pixel_budget:  # a pixel budget means nothing to the fixed-tile families' processors
+        mm.update({k: v for k, v in (("max_pixels", cfg.max_pixels), ("min_pixels", cfg.min_pixels)) if v})
     kw = dict(
         model=cfg.model, dtype=cfg.dtype, enforce_eager=True, max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=cfg.enable_prefix_caching,
@@ -177,6 +186,12 @@ class VllmServer:
                  log_path: str | Path | None = None, start_timeout_s: float = 300.0):
         import httpx
 
+        if not cfg.family:  # image settings follow the family (engine_kwargs)
+            from dataclasses import replace
+
+            from agents.families import family_of
+
+            cfg = replace(cfg, family=family_of(cfg.model)[0].model_type)
         port = port or _free_port(host)
         self.url = f"http://{host}:{port}"
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
@@ -213,15 +228,27 @@ class VllmBackend:
     """:class:`agents.vlm.VLMBackend` on vLLM: in-process ``vllm.LLM`` or a remote ``vllm serve``."""
 
     def __init__(self, cfg: VllmConfig):
-        from transformers import AutoConfig, AutoTokenizer
+        from dataclasses import replace
 
+        from agents.families import ModelError, family_of, image_token_id, load_processor
+
+        family, hf = family_of(cfg.model)
+        if not family.vllm:
+            raise ModelError(cfg.model, f"vLLM does not serve the {family.label} family; use --backend transformers")
+        if family.vllm_caveat:
+            import logging
+
+            logging.getLogger(__name__).warning("%s: %s", cfg.model, family.vllm_caveat)
+        cfg = replace(cfg, family=family.model_type)
+        self.family = family
         self.cfg = cfg
         self.name = cfg.model
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        hf = AutoConfig.from_pretrained(cfg.model)
-        self.image_token_id = hf.image_token_id
-        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        self.num_layers = getattr(hf, "text_config", hf).num_hidden_layers + 1
+        # The family's processor renders the prompts (its chat template); its placeholder marks each image.
+        self.processor = load_processor(cfg.model, hf)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = image_token_id(hf)
+        self.image_token = self.processor.image_token
+        self.num_layers = hf.get_text_config().num_hidden_layers + 1
         self._configured: tuple | None = None
         self.llm = None
         self.http = None
@@ -239,6 +266,12 @@ class VllmBackend:
 
     def run(self, images: list[np.ndarray], prompts: list[str], label_ids: tuple[int, ...],
             layers: list[int], poolings: tuple[str, ...]) -> Forward:
+        if len(images) > 1 and not self.family.vllm_multi_image:
+            from agents.families import ModelError
+
+            raise ModelError(self.name, f"vLLM runs several images per {self.family.label} prompt differently from "
+                                        "transformers (it tiles each image); use --frame-window 1 or --backend "
+                                        "transformers")
         want_acts = bool(layers) and bool(poolings)
         if want_acts:
             self._configure(layers, poolings)

@@ -88,7 +88,7 @@ class ActivationCapture:
         hf_cfg = self.model_runner.model_config.hf_config
         self._na = {
             "layers": layers, "poolings": poolings, "n_layers": n,
-            "out_dir": cfg.get("out_dir"), "image_token_id": getattr(hf_cfg, "image_token_id", None),
+            "out_dir": cfg.get("out_dir"), "image_token_id": _image_token_id(hf_cfg),
             "pending": {}, "ready": {}, "rows": [], "handles": [],
         }
         if self._na["out_dir"]:
@@ -226,6 +226,15 @@ def _decoder_layers(model) -> tuple[torch.nn.ModuleList, torch.nn.Module | None]
     if not isinstance(layers, torch.nn.ModuleList):
         raise TypeError(f"cannot find decoder layers on {type(model).__name__}")
     return layers, getattr(inner, "norm", None)
+
+
+def _image_token_id(hf_cfg) -> int | None:
+    """The image-feature token (``image_token_id``, or ``image_token_index`` in LLaVA-OneVision / Gemma 3)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(hf_cfg, name, None)
+        if value is not None:
+            return int(value)
+    return None
 
 
 def _encode(t: torch.Tensor) -> dict:

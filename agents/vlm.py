@@ -3,7 +3,12 @@
 The agent (:class:`VLMAgent`) is backend-neutral: it builds the prompts (agents/prompts.py), asks
 a backend for the next-token logits of the action labels and the pooled hidden states of every
 sequence, and turns them into a :class:`~agents.base.Decision`. A backend implements
-:class:`VLMBackend`; :class:`TransformersBackend` is the one here (a vLLM backend can slot in).
+:class:`VLMBackend`; :class:`TransformersBackend` is the one here (agents/vllm_backend.py the other).
+
+One path for every model family (agents/families.py): ``AutoModelForImageTextToText``, the family's own
+processor (image processing, image-token expansion, chat template) and the hidden states the model returns.
+``--model`` may also name a preset of the method's models (``families.PRESETS``: hub name, layers, image
+settings).
 
 Several prompt conditions on the same frames run as one batch (left-padded, so the last position
 of every row is the token the label is predicted from).
@@ -18,9 +23,12 @@ from typing import Protocol
 import numpy as np
 
 from agents.base import ActivationSet, Choice, Decision, Observation
+from agents.families import ModelError, family_of, image_token_id, load_processor, preset_for
 from agents.prompts import ActionLabels, action_labels, build_messages, label_probs, load_conditions
 
 POOLINGS = ("last_token", "mean_image")
+MAX_ACTIONS = 18
+"""The full ALE action set: a model must have this many single-token labels."""
 
 
 @dataclass
@@ -47,6 +55,24 @@ class VLMConfig:
     """Run all conditions in one batched forward (False: one forward per condition)."""
     torch_threads: int = 1
     """torch intra-op threads; 1 for small models (2 threads was 60× slower on 2-core boxes)."""
+    image_kwargs: dict = field(default_factory=dict)
+    """Image settings passed to the family's processor (e.g. Qwen ``size`` in pixels, InternVL ``crop_to_patches``);
+    empty = the preset's, else the checkpoint's own."""
+
+
+def resolve_preset(cfg: VLMConfig) -> VLMConfig:
+    """``cfg`` with a preset's hub name, layers and image settings filled in where ``cfg.model`` names one.
+
+    Settings given explicitly win; idempotent (a resolved hub name maps to the same preset).
+    """
+    from dataclasses import replace
+
+    preset = preset_for(cfg.model)
+    if preset is None:
+        return cfg
+    return replace(cfg, model=preset.model,
+                   layers=cfg.layers if cfg.layers is not None else (list(preset.layers) if preset.layers else None),
+                   image_kwargs=cfg.image_kwargs or dict(preset.image_kwargs))
 
 
 @dataclass
@@ -66,7 +92,9 @@ class VLMBackend(Protocol):
 
     name: str
     tokenizer: object
-    """Hugging Face tokenizer with a chat template (labels and prompt text come from it)."""
+    """Hugging Face tokenizer (the action labels' token ids come from it)."""
+    processor: object
+    """The family's processor, or a tokenizer: its ``apply_chat_template`` renders the prompts."""
     num_layers: int
     """Number of hidden-state entries (embeddings + decoder layers)."""
 
@@ -93,56 +121,50 @@ def pool_hidden(hidden: list[np.ndarray] | tuple, image_mask: np.ndarray, layers
 
 
 class TransformersBackend:
-    """Hugging Face transformers runtime for Qwen2.5-VL / Qwen2-VL checkpoints (hub or local)."""
+    """Hugging Face transformers runtime for every family in agents/families.py (hub name or local dir)."""
 
     def __init__(self, cfg: VLMConfig):
         import torch
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoModelForImageTextToText
 
+        cfg = resolve_preset(cfg)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.torch = torch
         self.name = cfg.model
         self.device = torch.device(cfg.device)
-        # Tokenizer + image processor rather than AutoProcessor: the Qwen processors also load a video
-        # processor that needs torchvision (REFERENCE §7); we never feed video.
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        self.image_processor = AutoImageProcessor.from_pretrained(cfg.model)
-        self.model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+        self.family, config = family_of(cfg.model)
+        self.processor = load_processor(cfg.model, config)
+        self.tokenizer = self.processor.tokenizer
+        self.image_kwargs = dict(cfg.image_kwargs)
+        try:
+            self.model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+        except OSError as err:
+            raise ModelError(cfg.model, f"its weights could not be loaded ({err})") from None
         self.model.to(self.device).eval()
-        mc = self.model.config
-        self.image_token_id = mc.image_token_id
-        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
-        text_cfg = getattr(mc, "text_config", mc)
-        self.num_layers = text_cfg.num_hidden_layers + 1
-        self.merge = self.image_processor.merge_size ** 2
+        # The expanded prompt's image-feature token (mean_image pools these) and the chat template's placeholder.
+        self.image_token_id = image_token_id(config)
+        self.image_token = self.processor.image_token
+        self.num_layers = config.get_text_config().num_hidden_layers + 1
 
     def prepare(self, images: list[np.ndarray], prompts: list[str]) -> dict:
-        """Model inputs for the prompts, each carrying all ``images`` (repeated per row)."""
-        torch = self.torch
-        vis = self.image_processor(images=list(images), return_tensors="pt")
-        n_tokens = [int(g.prod()) // self.merge for g in vis["image_grid_thw"]]
-        texts = []
+        """Model inputs for the prompts, each carrying all ``images``: the family's processor, left-padded.
+
+        The processor expands each image placeholder (its image-token layout) and returns the extra inputs
+        the family needs (Qwen's mm_token_type_ids and image_grid_thw, Gemma 3's token_type_ids, …). The frames
+        are processed once per prompt row: the processor's own path, which is what makes it family-agnostic.
+        """
         for prompt in prompts:
-            parts = prompt.split(self.image_token)
-            if len(parts) - 1 != len(images):
-                raise ValueError(f"prompt has {len(parts) - 1} image slots for {len(images)} images")
-            text = parts[0]
-            for n, rest in zip(n_tokens, parts[1:]):
-                text += self.image_token * n + rest
-            texts.append(text)
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        rows = len(prompts)
-        # What the hub processor returns beside input_ids: without it Qwen2.5-VL silently skips M-RoPE
-        # (1-D positions for image tokens) and Qwen2-VL refuses the input. 0 text, 1 image.
-        mm_types = (enc["input_ids"] == self.image_token_id).long()
-        return {
-            "input_ids": enc["input_ids"].to(self.device),
-            "mm_token_type_ids": mm_types.to(self.device),
-            "attention_mask": enc["attention_mask"].to(self.device),
-            "pixel_values": torch.cat([vis["pixel_values"]] * rows).to(self.device, self.model.dtype),
-            "image_grid_thw": torch.cat([vis["image_grid_thw"]] * rows).to(self.device),
-        }
+            if prompt.count(self.image_token) != len(images):
+                raise ValueError(f"prompt has {prompt.count(self.image_token)} image slots for {len(images)} images")
+        enc = self.processor(text=list(prompts), images=[list(images) for _ in prompts], return_tensors="pt",
+                             padding=True, padding_side="left", add_special_tokens=False, **self.image_kwargs)
+        missing = [k for k in self.family.extra_inputs if k not in enc]
+        if missing:  # e.g. Qwen without mm_token_type_ids silently drops M-RoPE for image tokens
+            raise ModelError(self.name, f"its processor ({type(self.processor).__name__}) returned no {missing}")
+        dtype = self.model.dtype
+        return {k: v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)
+                for k, v in enc.items() if hasattr(v, "to")}
 
     def run(self, images, prompts, label_ids, layers, poolings) -> Forward:
         torch = self.torch
@@ -166,6 +188,7 @@ class VLMAgent:
     """Agent interface over a VLM backend: one Choice and activation sets per prompt condition."""
 
     def __init__(self, cfg: VLMConfig, backend: VLMBackend | None = None):
+        cfg = resolve_preset(cfg)
         self.cfg = cfg
         self.backend = backend or TransformersBackend(cfg)
         self.name = cfg.model
@@ -185,6 +208,10 @@ class VLMAgent:
             raise ValueError(f"unknown pooling(s) {unknown}; choose from {POOLINGS}")
         self._labels: dict[tuple[str, ...], ActionLabels] = {}
         self._prompts: dict[tuple[int, tuple[str, ...]], list[str]] = {}
+        try:  # now, not at the first frame: a model whose labels cannot work is refused before it joins a game
+            action_labels(self.backend.tokenizer, tuple(f"action{i}" for i in range(MAX_ACTIONS)))
+        except ValueError as err:
+            raise ModelError(cfg.model, f"action labels must be distinct single tokens: {err}") from None
 
     def labels(self, meanings: tuple[str, ...]) -> ActionLabels:
         if meanings not in self._labels:
@@ -196,7 +223,8 @@ class VLMAgent:
         key = (n_images, tuple(meanings))
         if key not in self._prompts:
             labels = self.labels(key[1])
-            self._prompts[key] = [self.backend.tokenizer.apply_chat_template(
+            template = getattr(self.backend, "processor", None) or self.backend.tokenizer
+            self._prompts[key] = [template.apply_chat_template(
                 build_messages(self.condition_text[c], n_images, labels), tokenize=False, add_generation_prompt=True)
                 for c in self.conditions]
         return list(self._prompts[key])
@@ -245,6 +273,7 @@ def build_backend(cfg: VLMConfig, backend: str = "transformers", vllm_url: str |
     vLLM in-process needs the ``vllm`` package (GPU: the ``[vllm]`` extra; CPU: the .venv-vllm recipe);
     a missing one raises :class:`agents.vllm_backend.VllmUnavailable` with that advice, not an ImportError.
     """
+    cfg = resolve_preset(cfg)
     if backend == "transformers":
         return TransformersBackend(cfg)
     if backend != "vllm":
@@ -255,5 +284,7 @@ def build_backend(cfg: VLMConfig, backend: str = "transformers", vllm_url: str |
         raise ValueError(f"unknown vLLM activation transport {vllm_transport!r}; choose shm or rpc")
     require_vllm(remote=bool(vllm_url))
     extra = {"activations_dir": vllm_activations_dir} if vllm_activations_dir else {}
+    if cfg.image_kwargs and "size" not in cfg.image_kwargs:  # Qwen's size budget is VllmConfig.max_pixels
+        extra["mm_processor_kwargs"] = dict(cfg.image_kwargs)
     return VllmBackend(VllmConfig(model=cfg.model, dtype=cfg.dtype, server_url=vllm_url or None,
                                   activation_transport=vllm_transport, **extra))

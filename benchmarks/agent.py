@@ -122,9 +122,12 @@ def _pcts(ms: list[float]) -> tuple[float, float]:
 
 
 def main(model: str | None = None, seconds: float = 20.0, conditions: str = "action",
-         game: str = "ALE/Pong-v5", backend: str = "transformers", vllm_url: str | None = None) -> dict:
-    """``backend="vllm"``: the engine runs in the agent process (no ``vllm_url``) or at ``vllm_url``; the
-    floor is then ``VllmBackend.run`` (the same engine, same requests) + softmax."""
+         game: str = "ALE/Pong-v5", backend: str = "transformers", vllm_url: str | None = None,
+         family: str = "qwen2_5_vl") -> dict:
+    """``model`` None builds a tiny model of ``family``. ``backend="vllm"``: the engine runs in the agent
+    process (no ``vllm_url``) or at ``vllm_url``; the floor is then ``VllmBackend.run`` (the same engine,
+    same requests) + softmax. A model the agent cannot run raises ``agents.families.ModelError`` here,
+    before any process starts."""
     if backend == "vllm":
         from agents.vllm_backend import require_vllm
 
@@ -136,10 +139,15 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
 
     conds = [c for c in conditions.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
-        if model is None:
+        from agents.families import family_of, preset_for
+
+        built = model is None
+        if built:
             from agents.tiny import build_tiny
 
-            model = str(build_tiny(Path(tmp) / "tiny", "vlm"))
+            model = str(build_tiny(Path(tmp) / "tiny", family))
+        preset = preset_for(model)
+        fam, _ = family_of(preset.model if preset else model)  # unknown family / unreadable: a one-line error
         frames_ep, control_ep, act_ep = free_tcp_endpoint(), free_tcp_endpoint(), free_tcp_endpoint()
         emu = Emulator(EmulatorConfig(game=GameSettings(game=game, repeat_action_probability=0.0),
                                       frames_endpoint=frames_ep, control_endpoint=control_ep,
@@ -174,6 +182,9 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
     same = len(set(seqs) & set(out["bare_seqs"]))
     service_summary = out["summary"]  # services.agent.AgentSummary
 
+    model_name = model
+    if built:  # the temp dir is gone: name the tiny model by its family
+        model_name = "tiny-qwen2.5-vl" if fam.model_type == "qwen2_5_vl" else f"tiny-{fam.model_type}"
     svc50, svc99 = _pcts(service_ms)
     bare50, bare99 = _pcts(bare_ms)
     internal50 = float(np.median([c.latency_p50_ms for c in service_summary.conditions.values()]))
@@ -190,7 +201,7 @@ def main(model: str | None = None, seconds: float = 20.0, conditions: str = "act
     Console().print(table)
     result = {
         "bench": "agent", "backend": backend, "vllm": ("remote" if vllm_url else "in-process") if backend == "vllm" else None,
-        "model": "tiny-qwen2.5-vl" if "tiny" in model else model, "conditions": conds,
+        "model": model_name, "family": fam.model_type, "conditions": conds,
         "decisions": len(seqs), "bare_runs": len(bare_ms), "bare_frames_also_decided": same,
         "service_p50_ms": round(svc50, 3), "service_p99_ms": round(svc99, 3),
         "service_internal_p50_ms": round(internal50, 3),

@@ -21,6 +21,13 @@ Per TR (``s0``..``s4``)::
     s3 prediction published     first Prediction.t_ns for the TR (closes grace_s after trigger t+1)
     s4 score updated            Prediction.t_ns of the message carrying the measured volume
 
+and, inside the encoder, the preprocessing of each measured volume (stage ``preprocess``: the weights'
+recorded preprocessing, ``encoders.stream.LivePreprocess``: realignment of a 64×64×36 EPI volume to the
+session's reference, one reslice into the weights' grid, causal GLM, running standardisation; the first
+volume also pays the session's one registration to the weights' reference, reported apart as
+``registration_s``). The scanner sends a phantom head (``encoders.phantom``) on that EPI grid, moved by a few
+mm / degrees from the fit's head, carrying the weights' own prediction as a 2 % signal.
+
 Nothing is sent or written in the hot loop to collect them: stamps are carried in existing
 message fields, kept in memory by a thin agent wrapper and the encoder, and handed over at the
 end of each run (see docs/observability.md). Agents are long-lived worker processes (one small
@@ -48,8 +55,12 @@ import numpy as np
 
 STAGES = ("transport", "queue", "preprocess", "model", "action_return", "e2e_action", "activation", "e2e_activation")
 """Stage latencies per frame: t1-t0, t2-t1, t3-t2, t4-t3, t5-t4, t5-t0, t6-t4, t6-t0."""
-TR_STAGES = ("volume_transport", "predict_after_tr_end", "score_after_volume", "volume_to_score")
-"""Per TR: s2-s1, s3-(trigger t+1), s4-s2, s4-s1."""
+TR_STAGES = ("volume_transport", "predict_after_tr_end", "score_after_volume", "volume_to_score", "preprocess")
+"""Per TR: s2-s1, s3-(trigger t+1), s4-s2, s4-s1, and the encoder's preprocessing of the volume (its own stamps)."""
+SESSION_SHAPE = (64, 64, 36)
+"""The simulated scanner's EPI grid (3 × 3 × 3.5 mm), as in ``bench preprocess``."""
+SESSION_OFFSET = (2.0, -1.5, 1.0, 1.0, -0.5, 1.5)
+"""The session's head vs the fit's: trans mm, rot degrees (registered once at the session's start)."""
 RL_MODEL = "nature-cnn-ppo-random"
 
 
@@ -129,17 +140,42 @@ def _pcts(values) -> dict:
 
 
 def _fit_weights(out: Path, dim: int, tr: float) -> tuple[str, np.ndarray, np.ndarray]:
-    """Small encoding weights for the RL agent's 512-d penultimate activations; returns (path, bold run, affine)."""
+    """Small encoding weights for the RL agent's 512-d penultimate activations, recording a causal preprocessing
+    and keeping a reference volume; returns (path, the session's EPI volumes (X, Y, Z, T), their affine)."""
+    from scipy.ndimage import affine_transform
+
     from encoders.fit import FitConfig, fit_encoding
+    from encoders.motion import grid_center, rigid_matrix
+    from encoders.phantom import PhantomConfig, phantom_run
+    from encoders.preprocess import PreprocessConfig
     from encoders.synth import SynthConfig, generate
+    from encoders.weights import PreprocessRecord
 
     s = generate(SynthConfig(voxel_mm=14, n_runs=3, n_trs=60, space_dim=dim, seed=7))
     prov = {"rl": {"model": RL_MODEL, "condition": "", "pooling": "penultimate", "layer": 0}}
     res = fit_encoding(s.bold[:2], {"rl": s.features["action"][:2]},
                        FitConfig(score=False, progress=False), mask=s.mask, affine=s.affine, tr=tr, provenance=prov,
                        roi_labels=s.atlas[s.mask], roi_names=s.roi_names)
-    path = res.weights.save(out / "e2e_weights.safetensors")
-    return str(path), res.weights.to_volume(s.bold[2]), s.affine
+    w = res.weights
+    # the session: a phantom head with slow motion and a jerk on a 64×64×36 EPI grid around the fit's brain
+    center = grid_center(s.mask.shape, s.affine)
+    ph = phantom_run(PhantomConfig(shape=SESSION_SHAPE, center_mm=tuple(center), n_volumes=len(s.bold[2]),
+                                   jerks=(25,), spikes=(), noise=0.005, exact=False, seed=7))
+    # the fit's reference: the same head, offset by SESSION_OFFSET, on the weights' grid (S(T x) = W(x))
+    off = np.asarray(SESSION_OFFSET, float)
+    to_session = rigid_matrix(np.concatenate([off[:3], np.deg2rad(off[3:])]), center)
+    m = np.linalg.inv(ph.affine) @ to_session @ s.affine
+    w.reference = affine_transform(ph.brain, m[:3, :3], offset=m[:3, 3], output_shape=s.mask.shape, order=1)
+    w.preprocessing = PreprocessRecord(mode="causal", config=PreprocessConfig(warmup_trs=4).to_dict())
+    path = w.save(out / "e2e_weights.safetensors")
+    # the weights' own prediction-like signal (the held-out run, z-scored) as a 2 % change in the session's head
+    sig = w.to_volume((s.bold[2] - s.bold[2].mean(0)) / (s.bold[2].std(0) + 1e-9))
+    back = np.linalg.inv(s.affine) @ np.linalg.inv(to_session) @ ph.affine
+    vols = np.empty((*SESSION_SHAPE, sig.shape[-1]), np.float32)
+    for t in range(sig.shape[-1]):
+        on_epi = affine_transform(sig[..., t], back[:3, :3], offset=back[:3, 3], output_shape=SESSION_SHAPE, order=1)
+        vols[..., t] = ph.volumes[t] * (1 + 0.02 * on_epi)
+    return str(path), vols, ph.affine
 
 
 def _scanner(endpoint: str, volumes: np.ndarray, affine: np.ndarray, tr_s: float, n_trs: int, stop, sent: list) -> None:
@@ -325,6 +361,7 @@ def _tr_stats(sent: list, report, preds: list, grace_s: float) -> dict:
             sink.setdefault(tr, t_sink)
     st = {s: [] for s in TR_STAGES}
     st["score_to_sink"] = []
+    st["preprocess"] = list(report.preprocess_ms[1:])  # the first volume also registers the session (below)
     for k, t1 in vol_sent.items():
         if k + 1 not in trig:
             continue  # the last TR closes only when the run ends (no trigger k+1): not a latency
@@ -339,6 +376,8 @@ def _tr_stats(sent: list, report, preds: list, grace_s: float) -> dict:
             st["predict_after_tr_end"].append((first_pred[k] - trig[k + 1]) / 1e6)
     return {"trs": len(trig), "volumes": len(vol_sent), "predicted": report.trs_predicted, "scored": report.trs_scored,
             "grace_s": grace_s, "errors": report.errors, "rejected": report.rejected_messages,
+            "excluded": len(report.excluded_trs), "registration": report.registration,
+            "registration_s": (report.registration or {}).get("seconds"),
             "stages_ms": {k: _pcts(v) for k, v in st.items()}}
 
 
@@ -512,6 +551,9 @@ def main(seconds: float = 10.0, fps: float = 15.0, point_seconds: float = 3.0, a
            if vlm else {}),
         "tr_volume_to_score_p50_ms": main_point.tr.get("stages_ms", {}).get("volume_to_score", {}).get("p50"),
         "tr_scored": main_point.tr.get("scored"),
+        "tr_preprocess_p50_ms": main_point.tr.get("stages_ms", {}).get("preprocess", {}).get("p50"),
+        "tr_preprocess_p99_ms": main_point.tr.get("stages_ms", {}).get("preprocess", {}).get("p99"),
+        "tr_registration_s": main_point.tr.get("registration_s"),
         "scaling_agents_p50_ms": {r["n_agents"]: r["e2e_p50_ms"] for r in scaling if r["axis"] == "agents"},
         "scaling_fps_p50_ms": {r["fps"]: r["e2e_p50_ms"] for r in scaling if r["axis"] == "fps"},
         "total_s": result["total_s"],

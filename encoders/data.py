@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from encoders.preprocess import PreprocessConfig
     from encoders.weights import PreprocessRecord
 
 
@@ -473,10 +474,14 @@ class FitPreprocess:
     0.08). ``none``: per-run z-score only (the fit's own, as before); ``offline``: whole-run regression of the
     constant, the cosine drift (``high_pass_hz``) and the confounds, then z-score (``nilearn.signal.clean``;
     equal to the core's ``clean_series(causal=False)`` on the same regressors); ``causal``: the live core's
-    causal GLM and running standardisation (``clean_series(causal=True)``), the warm-up volumes set to 0."""
+    causal GLM and running standardisation (``clean_series(causal=True)``), the warm-up volumes set to 0.
+    Raw (not fMRIPrep) runs are first realigned and resliced on their 4-D volumes, as live
+    (:func:`encoders.preprocess.preprocess_for_fit`; causal = exactly the live core's values)."""
     confounds: tuple[str, ...] | None = None
     """Named sets of fMRIPrep confounds (:data:`CONFOUND_SETS`); () = none; None = auto: motion6 for fMRIPrep
-    ``*_desc-preproc_bold`` runs (the core's default motion regressors), none otherwise."""
+    ``*_desc-preproc_bold`` runs, none otherwise. Raw runs take only ``motion6`` / ``motion12``: the
+    realignment's own parameters (opt-in: fitted causally they removed planted signal, see
+    ``encoders.preprocess.PreprocessConfig.confounds``)."""
     high_pass_hz: float = 1 / 128
     """Cut-off of the cosine drift basis, Hz (SPM's and fMRIPrep's 128 s); 0 = no drift regressors."""
 
@@ -491,28 +496,57 @@ class FitPreprocess:
             parse_confound_sets(list(self.confounds) or "none")  # names them if unknown or two motion sets
 
 
+@dataclass
+class CleanedBold:
+    """The fit's BOLD after :func:`preprocess_bold`."""
+
+    runs: list[np.ndarray]
+    """Per run (T_i, V) float32 in ``bold.mask`` (mode ``none``: the loaded runs themselves)."""
+    record: PreprocessRecord
+    """``encoders.weights.PreprocessRecord`` of the cleaning, for the weights."""
+    reference: np.ndarray | None
+    """(X, Y, Z) float32 the weights' reference volume: with raw runs realigned, the volume they were
+    registered to (:func:`encoders.preprocess.preprocess_for_fit`); else the runs' mean EPI."""
+
+
 def clean_bold(bold: BoldRuns, cfg: FitPreprocess) -> tuple[list[np.ndarray], PreprocessRecord]:
     """The runs of ``bold`` cleaned as ``cfg`` says, and the ``encoders.weights.PreprocessRecord`` of it:
-    ``(runs, record)``; the runs are new float32 arrays (mode ``none``: the same ones)."""
+    ``(runs, record)`` (:func:`preprocess_bold` without the reference)."""
+    cleaned = preprocess_bold(bold, cfg)
+    return cleaned.runs, cleaned.record
+
+
+def preprocess_bold(bold: BoldRuns, cfg: FitPreprocess, reference: np.ndarray | None = None) -> CleanedBold:
+    """The runs of ``bold`` cleaned as ``cfg`` says. fMRIPrep runs (already realigned) are cleaned on their
+    masked series with their confounds table. Raw runs (mode ``offline`` or ``causal``) take the live path's
+    one definition, :func:`encoders.preprocess.preprocess_for_fit`: realignment + reslice of the 4-D
+    volumes, every run registered to the first run's reference (kept as the weights' reference, so a live
+    session is registered to it the same way), then the causal GLM (exactly what the live core computes) or
+    the whole-run one; excluded volumes set to 0. Their motion regressors are opt-in (``--confounds motion6``
+    or ``motion12``: the core's own estimates), as the core's default. ``reference`` (X, Y, Z): raw runs are
+    registered to it instead of the first run's volume (e.g. a held-out run for weights that keep it)."""
     from encoders.preprocess import PreprocessConfig, clean_series
     from encoders.weights import PreprocessRecord
 
     fmriprep = all(is_fmriprep_bold(p) for p in bold.paths)
     source = "fmriprep" if fmriprep else "bold"
     if cfg.mode == "none":
-        return bold.runs, PreprocessRecord(mode="none", source=source)
+        return CleanedBold(bold.runs, PreprocessRecord(mode="none", source=source), bold.mean_epi)
     sets = cfg.confounds if cfg.confounds is not None else (("motion6",) if fmriprep else ())
-    if sets and not fmriprep:
+    if sets and not fmriprep and set(sets) - set(_CORE_MOTION):
         raise FitInputError(f"--confounds {','.join(sets)}: needs fMRIPrep runs (*_desc-preproc_bold.nii.gz with "
-                            f"their _desc-confounds_timeseries.tsv), not {bold.paths[0].name}; use --confounds none")
+                            f"their _desc-confounds_timeseries.tsv), not {bold.paths[0].name}; raw runs take motion6 "
+                            "or motion12 (the realignment's own parameters) or none")
     if cfg.mode == "causal" and set(sets) - set(_CORE_MOTION):
         raise FitInputError(f"--preprocess causal --confounds {','.join(sets)}: a causal fit regresses what the live "
                             "core computes itself, motion6 or motion12 (or none); use --preprocess offline")
     families = ["constant"] + (["drift"] if cfg.high_pass_hz > 0 else [])
     families += [f for name in sets for f in _MOTION_FAMILIES.get(name, ())]
-    config = PreprocessConfig(motion_correction=fmriprep, high_pass_hz=cfg.high_pass_hz, confounds=tuple(families),
+    config = PreprocessConfig(motion_correction=True, high_pass_hz=cfg.high_pass_hz, confounds=tuple(families),
                               standardize=True)
     causal = cfg.mode == "causal"
+    if not fmriprep:
+        return _preprocess_raw(bold, config, causal, sets, reference)
     read = ("motion6",) if causal and sets else sets  # causal: the parameters; the core differentiates them
     record = PreprocessRecord(mode=cfg.mode, config=config.to_dict(), confounds=list(sets), source=source,
                               load_confounds=load_confounds_args(read) | {"demean": not causal} if read else {})
@@ -542,7 +576,20 @@ def clean_bold(bold: BoldRuns, cfg: FitPreprocess) -> tuple[list[np.ndarray], Pr
         out[zero] = 0
         runs.append(out)
         record.zeroed.append(np.flatnonzero(zero).tolist())
-    return runs, record
+    return CleanedBold(runs, record, bold.mean_epi)
+
+
+def _preprocess_raw(bold: BoldRuns, config: PreprocessConfig, causal: bool, sets: tuple[str, ...],
+                    reference: np.ndarray | None) -> CleanedBold:
+    """Raw runs through :func:`encoders.preprocess.preprocess_for_fit` on ``bold.mask``, recorded."""
+    from encoders.preprocess import preprocess_for_fit
+    from encoders.weights import PreprocessRecord
+
+    fit = preprocess_for_fit(bold.paths, config, bold.mask, causal=causal, tr=bold.tr, align=True,
+                             reference=reference)
+    record = PreprocessRecord(mode="causal" if causal else "offline", config=config.to_dict(), confounds=list(sets),
+                              source="bold", zeroed=fit.zeroed)
+    return CleanedBold(fit.runs, record, fit.reference)
 
 
 def _clean_offline(path: Path, y: np.ndarray, conf: RunConfounds | None, high_pass_hz: float, tr: float

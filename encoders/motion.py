@@ -133,7 +133,8 @@ class RigidFit:
 
 def realign(volume: np.ndarray, reference: np.ndarray | RealignReference, affine: np.ndarray,
             init: np.ndarray | None = None, *, max_iter: int = 10, tol_mm: float = 0.01,
-            min_match_r: float = 0.7, n_samples: int = 8000) -> RigidFit:
+            min_match_r: float = 0.7, n_samples: int = 8000,
+            moving_affine: np.ndarray | None = None) -> RigidFit:
     """Rigid parameters (6,) that map ``volume`` (X, Y, Z) onto ``reference`` (X, Y, Z, or prepared once
     with :func:`prepare_reference`), both on the grid of ``affine`` (4, 4).
 
@@ -141,19 +142,26 @@ def realign(volume: np.ndarray, reference: np.ndarray | RealignReference, affine
     scale a and offset b as nuisance parameters (so scanner drift does not pull the motion estimate) and
     Huber weights w recomputed each iteration (so a slab artefact does not either); trilinear sampling;
     warm start from ``init`` (the previous volume's parameters).
+
+    ``moving_affine`` (4, 4): ``volume`` lies on its own grid (any shape) under this voxel → world map and
+    is sampled there at T_p(x) (registration of one session's reference to another grid's,
+    :mod:`encoders.register`); None = the reference's grid and affine, checked.
     """
     from scipy.ndimage import map_coordinates
 
     ref = reference if isinstance(reference, RealignReference) else prepare_reference(
         reference, affine, n_samples=n_samples)
     vol = np.asarray(volume, np.float32)
-    if vol.shape != ref.shape:
-        raise ValueError(f"volume shape {vol.shape} differs from the reference's {ref.shape}")
-    if not np.allclose(affine, ref.affine, atol=1e-4):
-        raise ValueError("volume affine differs from the reference's")
+    if moving_affine is None:
+        if vol.shape != ref.shape:
+            raise ValueError(f"volume shape {vol.shape} differs from the reference's {ref.shape}")
+        if not np.allclose(affine, ref.affine, atol=1e-4):
+            raise ValueError("volume affine differs from the reference's")
+    elif vol.ndim != 3:
+        raise ValueError(f"volume must be 3-D, got shape {vol.shape}")
     start = np.zeros(6) if init is None else np.asarray(init, float).copy()
     p, scale, offset = start.copy(), 1.0, 0.0
-    world_to_vox = np.linalg.inv(ref.affine)
+    world_to_vox = np.linalg.inv(ref.affine if moving_affine is None else np.asarray(moving_affine, float))
     d, f, grad = ref.offsets, ref.values, ref.gradients
     d_t = np.ascontiguousarray(d.T)
     jac = np.empty((len(f), 8))
@@ -169,6 +177,8 @@ def realign(volume: np.ndarray, reference: np.ndarray | RealignReference, affine
         # Huber weights (IRLS): a slab artefact or a spike must not drag the head along with it
         sigma = 1.4826 * np.median(np.abs(resid)) + 1e-12  # the offset b keeps the residuals centred
         w = np.minimum(1.0, _HUBER_K * sigma / np.maximum(np.abs(resid), 1e-12))
+        if moving_affine is not None:  # another grid, often a smaller field of view: points outside it carry
+            w = w * ((vox >= 0) & (vox <= np.asarray(vol.shape)[:, None] - 1)).all(0)  # no information
         # ∇volume at T_p(x) ≈ a·R ∇ref(x) once aligned: the Jacobian needs no gradient of the volume
         g = scale * (grad @ r.T)
         jac[:, :3] = g

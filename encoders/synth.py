@@ -33,6 +33,7 @@ from encoders.score import pearson_r
 from encoders.weights import delay_run
 
 if TYPE_CHECKING:
+    from encoders.faults import FaultConfig
     from encoders.plant import PlantedPattern
 
 # name → (MNI seed coordinates in mm, planted (ρ_action_unique, ρ_reasoning_unique, ρ_shared))
@@ -269,6 +270,31 @@ def planted_session(features_a: list[np.ndarray], features_b: list[np.ndarray],
     return SynthSession(scfg, mask, affine, atlas, roi_names, bold, feats, planted.truth), planted.pattern
 
 
+def faulted_fit_preprocess():
+    """The preprocessing the weights of a faulted synthetic session are fitted after (and record, so the live
+    path applies it): the core's default (realignment + reslice, causal GLM of the constant and the cosine
+    drift — no motion regressors, see ``PreprocessConfig.confounds`` — running z-score) with cubic reslicing:
+    trilinear smooths a volume by how far it moved, so a moving head's voxels got less noisy than a still
+    one's (voxel-mean r +0.03…0.05 there; cubic: ≤ 0.02); a synthetic grid is small enough for its cost."""
+    from encoders.preprocess import PreprocessConfig
+
+    return PreprocessConfig(reslice_order=3)
+
+
+def preprocess_for_fit(bold_runs: list, mask: np.ndarray, config=None) -> tuple[list[np.ndarray], object]:
+    """Runs (4-D NIfTI paths or images) preprocessed exactly as the live core will preprocess them, by the one
+    fit-time path ``encoders.preprocess.preprocess_for_fit`` (causal, each run on its own first volume: the
+    session's weights keep no reference, and its runs start with the head in one place) on ``mask`` (X, Y, Z)
+    bool: per run (T, V) float32 with the excluded volumes (warm-up, censored) set to 0, and the
+    ``encoders.weights.PreprocessRecord`` for the weights."""
+    from encoders.preprocess import preprocess_for_fit as one_path
+    from encoders.weights import PreprocessRecord
+
+    config = config or faulted_fit_preprocess()
+    fit = one_path(bold_runs, config, mask, causal=True, align=False)
+    return fit.runs, PreprocessRecord(mode="causal", config=config.to_dict(), source="bold", zeroed=fit.zeroed)
+
+
 def trigger_times_ns(n_trs: int, tr: float, start_ns: int = 0) -> np.ndarray:
     """Emulator-clock trigger time of every TR of a run starting at ``start_ns``."""
     return start_ns + np.round(np.arange(n_trs) * tr * 1e9).astype(np.int64)
@@ -296,15 +322,22 @@ def _bids_name(cfg: SynthConfig, run: int, suffix: str) -> str:
     return f"sub-{cfg.subject}_task-{cfg.task}_run-{run}_{suffix}"
 
 
-def write_bids(session: SynthSession, out: Path,
-               record: Callable[[Path, float, int], Path] | None = None) -> dict[str, list[Path]]:
+def write_bids(session: SynthSession, out: Path, record: Callable[[Path, float, int], Path] | None = None,
+               faults: FaultConfig | None = None) -> dict[str, list[Path]]:
     """Write the session as BIDS under ``out``; return the paths of bold runs and feature files.
 
     ``record(path, seconds, seed)``, when given, records agent gameplay for each run (e.g.
     ``services.emulator.record_headless``); its file goes to ``sourcedata/gamelogs`` and is linked
     from the run's ``_events.tsv`` (``stim_file``), as CNeuroMod does.
+
+    ``faults`` (``encoders.faults``), when active, are put on every written volume (run N draws its own
+    with ``seed + N``); each run's true motion goes to ``derivatives/truth/<run>_desc-truemotion_timeseries.tsv``
+    (fMRIPrep's columns) and the config, jerks and spikes to ``truth.json``. ``session.bold`` (and the truth
+    arrays) stay the fault-free signal.
     """
     import nibabel as nib
+
+    from encoders.faults import apply_faults, fault_schedule, write_motion_tsv
 
     cfg = session.cfg
     out = Path(out)
@@ -322,9 +355,17 @@ def write_bids(session: SynthSession, out: Path,
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm", "sec")
     paths: dict[str, list[Path]] = {"bold": [], **{s: [] for s in SPACES}}
+    fault_truth: dict[str, dict] = {}
     for r, y in enumerate(session.bold, start=1):
         vol = np.zeros(session.mask.shape + (len(y),), dtype=np.float32)
         vol[session.mask] = y.T
+        if faults is not None and faults.active:
+            schedule = fault_schedule(faults.replace(seed=faults.seed + r), len(y), cfg.tr, session.mask.shape)
+            for t in range(len(y)):
+                vol[..., t] = apply_faults(vol[..., t], t, schedule, session.affine)
+            write_motion_tsv(truthdir / _bids_name(cfg, r, "desc-truemotion_timeseries.tsv"), schedule.motion)
+            fault_truth[f"run-{r}"] = {"jerks": list(schedule.jerks), "spikes": [list(s) for s in schedule.spikes],
+                                       "max_fd_mm": float(schedule.fd.max())}
         img = nib.Nifti1Image(vol, session.affine, header.copy())
         img.header.set_xyzt_units("mm", "sec")
         img.header["pixdim"][4] = cfg.tr
@@ -356,6 +397,7 @@ def write_bids(session: SynthSession, out: Path,
         "planted_roi_strengths": {n: dict(zip(("unique_action", "unique_reasoning", "shared"), ROIS[n][1]))
                                   for n in ROIS},
         "n_voxels": int(session.mask.sum()),
+        **({"faults": {"config": faults.to_dict(), "runs": fault_truth}} if fault_truth else {}),
     }, indent=2, default=list))
     return paths
 

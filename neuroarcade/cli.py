@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from neuroarcade.commands import agents, bench, dashboard, deploy, encoding, game, product
+from neuroarcade.commands import agents, bench, dashboard, deploy, encoding, game, product, study
 
 app = typer.Typer(
     name="neuroarcade",
@@ -44,7 +44,7 @@ def main(
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
-for area in (game, agents, encoding, product, dashboard, deploy):
+for area in (game, agents, encoding, product, dashboard, deploy, study):
     area.register(app)
 app.add_typer(bench.app, name="bench", help="Benchmarks: each prints ratios against a floor measured in the same run.")
 

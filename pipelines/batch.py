@@ -487,3 +487,73 @@ def run_fit_batch(jobs: list[FitJob], *, sequential: bool = False, address: str 
                     results[job.subject] = f"{type(e).__name__}: {e}"
                 bar.advance(task)
     return results
+
+
+# --- scoring a replayed run offline ----------------------------------------------------------------
+
+
+@dataclass
+class RunScore:
+    """One stream's run scored offline against the measured BOLD (``replay-session --batch``), the way the
+    live encoding service scores it."""
+
+    roi_names: list[str]
+    """'all' first, then the weights' ROIs (``encoders.weights.roi_table``)."""
+    predicted: np.ndarray
+    """(T', R) ROI means of the prediction at the scored TRs."""
+    measured: np.ndarray
+    """(T', R) ROI means of the measured BOLD at the scored TRs: preprocessed as the weights record (the live
+    core's causal cleaning), or per-voxel z-scored over the run when the weights record no preprocessing."""
+    scored_trs: np.ndarray
+    """(T',) int TRs scored (the others excluded by the preprocessing: warm-up, censored, unusable)."""
+    n_trs: int
+    """TRs of the run considered (features and volumes both present)."""
+    live: object | None = None
+    """The ``encoders.stream.LivePreprocess`` that cleaned the run (trace, counts, alignment, tSNR; ``write_qc``);
+    None without preprocessing."""
+
+
+def measured_series(weights, bold_img, n: int, *, align: bool = True):
+    """The measured BOLD of the first ``n`` volumes of ``bold_img`` (4-D nibabel image) as the live service
+    scores it against ``weights``: ``(measured (T', V) float32, scored TRs (T',) int, LivePreprocess or None)``.
+
+    With a preprocessing record in the weights, every volume goes through ONE ``encoders.stream.LivePreprocess``
+    in acquisition order, exactly as ``EncodingCore.on_volume`` feeds it live (its affine from the image;
+    registered to the weights' reference when they keep one and ``align``), and the TRs it excludes are left
+    out. Without one (mode ``none``), the measured voxels are z-scored over the run, every TR kept."""
+    from encoders.stream import LivePreprocess
+
+    if weights.preprocess_mode == "none":
+        measured = np.asarray(bold_img.dataobj[..., :n], dtype=np.float32)[weights.mask].T
+        return (measured - measured.mean(0)) / (measured.std(0) + 1e-9), np.arange(n), None
+    live = LivePreprocess(weights, align=align)
+    rows, kept = [], []
+    for t in range(n):
+        out = live.push(t, np.asarray(bold_img.dataobj[..., t], dtype=np.float32), t * weights.tr,
+                        np.asarray(bold_img.affine, float))
+        if not out.excluded:
+            rows.append(out.data)
+            kept.append(t)
+    measured = np.stack(rows) if rows else np.zeros((0, weights.n_voxels), np.float32)
+    return measured, np.asarray(kept, int), live
+
+
+def score_run(weights, features: list[np.ndarray], bold_img, *, align: bool = True) -> RunScore:
+    """Predict one run from its raw feature rows (one (T, dim) array per space of ``weights``) and ROI-average
+    the prediction and the measured BOLD of ``bold_img`` (:func:`measured_series`) at the scored TRs: the r
+    of these series is the live service's running r at the run's end."""
+    from encoders.weights import roi_table
+
+    n = min(min(len(f) for f in features), int(bold_img.shape[3]))
+    pred = weights.predict([np.asarray(f)[:n] for f in features])
+    measured, keep, live = measured_series(weights, bold_img, n, align=align)
+    table = roi_table(weights)
+    return RunScore([name for name, _ in table], roi_means(pred[keep], table), roi_means(measured, table), keep, n,
+                    live)
+
+
+def roi_means(values: np.ndarray, table: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """(T, R) float32 means of ``values`` (T, V) over each ROI of ``table`` (``encoders.weights.roi_table``)."""
+    if not len(values):
+        return np.zeros((0, len(table)), np.float32)
+    return np.stack([values[:, idx].mean(1) for _, idx in table], 1).astype(np.float32)

@@ -112,8 +112,8 @@ class FitRunSummary:
 
 def run_fit(cfg: FitRunConfig, warn: Callable[[str], None] | None = None) -> FitRunSummary:
     """Load, fit, write the weights (atomically) and the reports; ``warn`` gets each fit warning at once."""
-    from encoders.data import (FitInputError, bids_runs, clean_bold, fmriprep_runs, load_atlas, load_bold,
-                               load_feature_runs)
+    from encoders.data import (FitInputError, bids_runs, fmriprep_runs, load_atlas, load_bold, load_feature_runs,
+                               preprocess_bold)
     from encoders.fit import fit_encoding, partition_variance
 
     run_masks = None
@@ -136,7 +136,8 @@ def run_fit(cfg: FitRunConfig, warn: Callable[[str], None] | None = None) -> Fit
     if cfg.partition and len(spaces) != 2:  # before the fit, not after it
         raise FitInputError(f"--partition needs exactly two feature spaces, have {len(spaces)}")
     bold = load_bold(bold_paths, cfg.mask, cfg.tr, run_masks=None if cfg.mask else run_masks)
-    runs_clean, preprocessing = clean_bold(bold, cfg.preprocess)
+    cleaned = preprocess_bold(bold, cfg.preprocess)  # raw runs: realigned into the first run's reference, as live
+    runs_clean, preprocessing = cleaned.runs, cleaned.record
     if cfg.partition and len(bold.runs) < 2:
         raise FitInputError("--partition needs ≥2 runs (its scores are leave-one-run-out)")
     features: dict[str, list[np.ndarray]] = {}
@@ -168,7 +169,7 @@ def run_fit(cfg: FitRunConfig, warn: Callable[[str], None] | None = None) -> Fit
     res = fit_encoding(runs_clean, features, cfg.fit, mask=bold.mask, affine=bold.affine, tr=bold.tr,
                        provenance=provenance, roi_labels=roi_labels, roi_names=roi_names,
                        atlas=cfg.atlas.name if cfg.atlas else "", extra_provenance=extra,
-                       preprocessing=preprocessing, reference=bold.mean_epi)
+                       preprocessing=preprocessing, reference=cleaned.reference)
     for warning in res.warnings:
         if warn:
             warn(warning)

@@ -39,6 +39,14 @@ the ROI table show the first of ``KINDS`` it has; ``report_scores.tsv`` keeps ev
     parts, and ``planted.json`` (``encoders.plant.PlantedPattern``) how much the two prompt
     conditions' features overlap.
 
+``<stem>_motion.tsv``, ``<stem>_tsnr.tsv``, ``<stem>_alignment.json`` + ``<stem>_alignment.png`` (the live
+preprocessing's QC, ``encoders.stream.LivePreprocess.write_qc``: per TR the six motion parameters, framewise
+displacement, exclusion and its reason, preprocessing time; tSNR per ROI; the session's registration to the
+weights' space and its overlay image)
+    → the "Preprocessing and quality" section: motion plot (6 parameters + FD per TR, excluded TRs marked),
+    excluded TRs (count, list, reasons), tSNR per ROI, the alignment overlay. Streams whose QC files are
+    identical (one session, several encoders) are shown once.
+
 Outputs beside the HTML: ``report_scores.tsv`` (all score rows merged, long format) and
 ``report.json`` (scores, partitions, latency summaries, list of the input files used).
 """
@@ -82,7 +90,48 @@ class RunData:
     recovery: list[Recovery] = field(default_factory=list)
     """Planted beside recovered per stream and ROI (synthetic participants)."""
     planted: PlantedPattern | None = None
+    quality: list["QualityData"] = field(default_factory=list)
+    """The live preprocessing's QC per session stream (``<stem>_motion.tsv`` …), identical ones merged."""
     inputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QualityData:
+    """One session's preprocessing QC as the encoding service (or the batch replay) wrote it."""
+
+    streams: list[str]
+    """File stems (``<agent>__<condition>``) that wrote these same numbers."""
+    motion: list[dict[str, Any]] = field(default_factory=list)
+    """Rows of ``<stem>_motion.tsv``: tr_index, trans_x … rot_z (mm, radians), framewise_displacement, std_dvars,
+    excluded (0/1), reason, preprocess_ms."""
+    tsnr: list[dict[str, Any]] = field(default_factory=list)
+    """Rows of ``<stem>_tsnr.tsv``: roi, n_voxels, n_volumes, tsnr_median, tsnr_mean."""
+    alignment: dict[str, Any] | None = None
+    """``<stem>_alignment.json`` (``encoders.register.SessionAlignment.to_dict()`` + grids and counts)."""
+    overlay: Path | None = None
+    """The alignment overlay PNG."""
+
+    @property
+    def excluded(self) -> list[int]:
+        """TR indices not scored."""
+        return [int(r["tr_index"]) for r in self.motion if r.get("excluded") == 1.0]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: excluded TRs and why, motion extent, preprocessing time, tSNR, alignment."""
+        fd = [r["framewise_displacement"] for r in self.motion if isinstance(r.get("framewise_displacement"), float)
+              and math.isfinite(r["framewise_displacement"])]
+        ms = [r["preprocess_ms"] for r in self.motion if isinstance(r.get("preprocess_ms"), float)]
+        reasons: dict[str, int] = {}
+        for r in self.motion:
+            for why in str(r.get("reason", "")).split("; "):
+                if why and why != "nan":
+                    key = why.split(" ")[0] if why.startswith(("FD ", "DVARS ")) else why.split(":")[0].split(" (")[0]
+                    reasons[key] = reasons.get(key, 0) + 1
+        return {"streams": self.streams, "volumes": len(self.motion), "excluded": self.excluded,
+                "excluded_reasons": reasons, "fd_max_mm": max(fd) if fd else None,
+                "fd_mean_mm": float(np.mean(fd)) if fd else None,
+                "preprocess_ms": _summary(ms), "tsnr": self.tsnr,
+                "alignment": self.alignment, "overlay": str(self.overlay) if self.overlay else None}
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -115,8 +164,9 @@ def _is_ours(path: Path) -> bool:
 def load_run(run_dir: str | Path) -> RunData:
     run_dir = Path(run_dir)
     data = RunData()
+    data.quality = load_quality(run_dir, data.inputs)
     for path in sorted(run_dir.rglob("*.tsv")):
-        if _is_ours(path) or path.name == "atlas_labels.tsv":
+        if _is_ours(path) or path.name == "atlas_labels.tsv" or path.name.endswith(("_motion.tsv", "_tsnr.tsv")):
             continue
         if path.name == "recovery.tsv":  # its r column restates the streams' scores: not a scores table
             data.recovery = read_rows(path, Recovery)
@@ -173,6 +223,39 @@ def load_run(run_dir: str | Path) -> RunData:
         data.latency = _latency_map(raw.get("agents", raw))
         data.inputs.append("latency.json")
     return data
+
+
+def load_quality(run_dir: Path, inputs: list[str]) -> list[QualityData]:
+    """The preprocessing QC files under ``run_dir`` per stem, streams with identical files merged."""
+    stems: dict[Path, set[str]] = {}
+    for suffix in ("_motion.tsv", "_tsnr.tsv", "_alignment.json"):
+        for path in sorted(run_dir.rglob(f"*{suffix}")):
+            if not _is_ours(path):
+                stems.setdefault(path.parent, set()).add(path.name[: -len(suffix)])
+    out: dict[str, QualityData] = {}
+    for folder, names in stems.items():
+        for stem in sorted(names):
+            files = {k: folder / f"{stem}_{k}" for k in ("motion.tsv", "tsnr.tsv", "alignment.json", "alignment.png")}
+            q = QualityData([stem])
+            try:
+                if files["motion.tsv"].exists():
+                    q.motion = read_tsv(files["motion.tsv"])
+                if files["tsnr.tsv"].exists():
+                    q.tsnr = read_tsv(files["tsnr.tsv"])
+                if files["alignment.json"].exists():
+                    q.alignment = json.loads(files["alignment.json"].read_text())
+            except (OSError, ValueError, KeyError) as e:  # a half-written or foreign file: reported, not fatal
+                q.alignment = {"converged": False, "reason": f"unreadable QC file ({e})"}
+            if files["alignment.png"].exists():
+                q.overlay = files["alignment.png"]
+            key = json.dumps([q.motion, q.tsnr, {k: v for k, v in (q.alignment or {}).items() if k != "overlay"}],
+                             sort_keys=True, default=str)
+            if key in out:
+                out[key].streams.append(stem)
+                continue
+            out[key] = q
+            inputs += [str(f.relative_to(run_dir)) for f in files.values() if f.exists()]
+    return list(out.values())
 
 
 def headline_scores(scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -391,6 +474,94 @@ def fig_latency(latency: dict[str, dict[str, list[float]]], title: str, xlabel: 
     return _png(fig)
 
 
+def fig_motion(rows: list[dict[str, Any]], title: str) -> str:
+    """Translations (mm), rotations (degrees) and framewise displacement (mm) per TR; excluded TRs shaded."""
+    import matplotlib.pyplot as plt
+
+    t = np.array([r["tr_index"] for r in rows], float)
+
+    def col(name: str) -> np.ndarray:
+        return np.array([r[name] if isinstance(r.get(name), float) else np.nan for r in rows], float)
+
+    fig, axes = plt.subplots(3, 1, figsize=(9.0, 5.6), sharex=True)
+    for k, axis in enumerate("xyz"):
+        axes[0].plot(t, col(f"trans_{axis}"), color=f"C{k}", lw=1.1, label=f"trans_{axis}")
+        axes[1].plot(t, np.rad2deg(col(f"rot_{axis}")), color=f"C{k}", lw=1.1, label=f"rot_{axis}")
+    axes[2].plot(t, col("framewise_displacement"), color="k", lw=1.1, label="framewise displacement")
+    excluded = [r["tr_index"] for r in rows if r.get("excluded") == 1.0]
+    for ax in axes:
+        for e in excluded:
+            ax.axvspan(e - 0.5, e + 0.5, color="#d62728", alpha=0.12, lw=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False, ncol=3, loc="upper left")
+    axes[0].set_ylabel("mm")
+    axes[1].set_ylabel("degrees")
+    axes[2].set_ylabel("FD (mm)")
+    axes[2].set_xlabel("TR (shaded: excluded from the scores)")
+    axes[0].set_title(title)
+    return _png(fig)
+
+
+def quality_section(items: list[QualityData]) -> str:
+    """HTML: per session stream, the motion plot, excluded TRs, tSNR per ROI and the alignment overlay."""
+    parts = []
+    for q in items:
+        s = q.summary()
+        names = ", ".join(x.replace("__", " · ") for x in q.streams)
+        parts.append(f"<h3>{html.escape(names)}</h3>")
+        if q.motion:
+            parts.append(_img(fig_motion(q.motion, f"head motion relative to the session's reference ({names})"),
+                              "motion parameters and framewise displacement per TR"))
+            ex = s["excluded"]
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(s["excluded_reasons"].items()))
+            pre = s["preprocess_ms"]
+            parts.append(f"<p class='caption'><b>{len(ex)} of {s['volumes']} TRs excluded</b> from the running scores"
+                         + (f" ({html.escape(why)})" if why else "") + (f": TRs {_tr_list(ex)}" if ex else "")
+                         + (f". Max FD {s['fd_max_mm']:.2f} mm, mean {s['fd_mean_mm']:.3f} mm"
+                            if s["fd_max_mm"] is not None else "")
+                         + (f". Preprocessing per volume: p50 {pre['p50']:.1f} ms, p99 {pre['p99']:.1f} ms (the "
+                            "first volume includes the session's registration)" if pre.get("n") else "") + ".</p>")
+        if q.tsnr:
+            parts.append(_table(["ROI", "voxels", "volumes", "tSNR median", "tSNR mean"],
+                                [[r["roi"], _int(r["n_voxels"]), _int(r["n_volumes"]), r["tsnr_median"], r["tsnr_mean"]]
+                                 for r in q.tsnr]))
+            parts.append("<p class='caption'>Temporal SNR (mean / s.d. over time of the realigned signal, per voxel; "
+                         "censored volumes left out) summarised per ROI of the weights.</p>")
+        al = q.alignment
+        if al is not None:
+            if al.get("converged"):
+                state = (f"registered to the weights' reference: {al.get('translation_mm', float('nan')):.2f} mm, "
+                         f"{al.get('rotation_deg', float('nan')):.2f}° (trans {al.get('trans_mm')} mm, rot "
+                         f"{al.get('rot_deg')}°), match r {al.get('match_r') or float('nan'):.3f}")
+            else:
+                state = f"<b>NOT registered to the weights' space</b>: {html.escape(str(al.get('reason', '')))}"
+            if q.overlay is not None:
+                parts.append(f"<img alt='alignment overlay' src='data:image/png;base64,"
+                             f"{base64.b64encode(q.overlay.read_bytes()).decode('ascii')}'>")
+            parts.append(f"<p class='caption'>Alignment of the session to the space the weights were fit in: {state}. "
+                         "Grey: the weights' reference volume (the fit's mean EPI); contours: the session's reference "
+                         "volume brought into that space (one registration per session, rigid, 6 parameters). "
+                         + (f"Overlay: <code>{html.escape(q.overlay.name)}</code>." if q.overlay else "") + "</p>")
+    return "\n".join(parts)
+
+
+def _int(v: Any) -> Any:
+    """A whole number read back as float shown as one (894, not 894.000)."""
+    return int(v) if isinstance(v, float) and math.isfinite(v) and v == int(v) else v
+
+
+def _tr_list(trs: list[int], limit: int = 60) -> str:
+    """"3, 4, 17–20, …": runs of consecutive TRs collapsed."""
+    runs: list[list[int]] = []
+    for t in trs:
+        if runs and t == runs[-1][-1] + 1:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}–{r[-1]}" for r in runs[:limit])
+    return text + (", …" if len(runs) > limit else "")
+
+
 def _brain_figure(img, title: str, symmetric: bool = True) -> str:
     import matplotlib.pyplot as plt
     from nilearn import plotting
@@ -493,7 +664,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "report.html"
     data = load_run(run_dir)
-    if not data.scores and not data.partitions and not data.latency and not data.maps_3d and not data.maps_4d:
+    if not (data.scores or data.partitions or data.latency or data.maps_3d or data.maps_4d or data.quality):
         raise FileNotFoundError(f"{run_dir} holds no scores TSV, partition, NIfTI map or latency.json to report on")
     title = title or f"neuroarcade run report — {run_dir.resolve().name}"
     sections = [f"<h1>{html.escape(title)}</h1><p class='meta'>written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} "
@@ -565,6 +736,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     else:
         sections.append("<p class='none'>No latency samples (<code>latency.json</code>) in this run.</p>")
 
+    # preprocessing and quality
+    sections.append("<h2 id='quality'>Preprocessing and quality</h2>")
+    if data.quality:
+        sections.append(quality_section(data.quality))
+    else:
+        sections.append("<p class='none'>No preprocessing QC in this run (the weights record no preprocessing, or "
+                        "nothing was measured).</p>")
+
     # files
     scores_tsv = out.with_name("report_scores.tsv")
     extra_cols = sorted({k for r in data.scores for k in r} - {"agent", "condition", "roi", "r", "kind", "source"})
@@ -575,7 +754,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, title: str 
     summary = {"run_dir": str(run_dir), "inputs": data.inputs, "scores": data.scores, "partitions": data.partitions,
                "recovery": [asdict(r) for r in data.recovery],
                "latency_ms": {a: {c: _summary(v) for c, v in conds.items()} for a, conds in data.latency.items()},
-               "brain_figures": [c for c, _ in figures]}
+               "brain_figures": [c for c, _ in figures],
+               "quality": [q.summary() for q in data.quality]}
     json_path = out.with_name("report.json")
     json_path.write_text(json.dumps(json_ready(summary), indent=2, allow_nan=False))
     sections.append("<h2 id='files'>Data</h2><p>Underlying numbers: "

@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 
+from encoders.faults import FaultConfig
 from encoders.plant import PLANT
 from services.plumbing.transport import free_tcp_endpoint
 
@@ -81,6 +82,10 @@ class ParticipantConfig:
     """Scale of the unexplained part of the BOLD (1 = as encoders.synth)."""
     seed: int = 0
     subject: str = "01"
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Scanner-room faults on the written runs (``encoders.faults``; run N seeded ``faults.seed + N``). When
+    active, the weights are fitted on the faulted runs preprocessed as live (``encoders.synth.preprocess_for_fit``)
+    and record that preprocessing, so replays and ``live`` apply it."""
 
 
 @dataclass
@@ -179,7 +184,7 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
         shutil.move(str(gamelogs[run_seed - cfg.seed - 1]), dest)
         return dest
 
-    paths = synth.write_bids(session, out, record=place_gamelog)
+    paths = synth.write_bids(session, out, record=place_gamelog, faults=cfg.faults)
     shutil.rmtree(tmp, ignore_errors=True)
     truth_json = out / "derivatives" / "truth" / "truth.json"
     truth = json.loads(truth_json.read_text())
@@ -206,15 +211,20 @@ def make_participant(out: str | Path, cfg: ParticipantConfig, progress: Callable
     wdir = out / "derivatives" / "weights"
     wdir.mkdir(parents=True, exist_ok=True)
     fcfg = FitConfig(pca=cfg.pca, progress=False)
+    train_bold, record = session.bold[train], None
+    if cfg.faults.active:  # the written runs moved and drifted: fit on them preprocessed as live, and record it
+        progress("preprocessing the faulted training runs as the live path will (realignment, causal GLM)")
+        train_bold, record = synth.preprocess_for_fit(paths["bold"][train], session.mask)
     weights = {}
     for key, runs in streams.items():
         progress(f"fitting weights {key}")
-        res = fit_encoding(session.bold[train], {key: runs[train]}, fcfg, mask=session.mask, affine=session.affine,
+        res = fit_encoding(train_bold, {key: runs[train]}, fcfg, mask=session.mask, affine=session.affine,
                            tr=cfg.tr, provenance={key: provenance[key]}, roi_labels=labels,
-                           roi_names=session.roi_names, atlas=str(atlas_dir / "atlas.nii.gz"))
+                           roi_names=session.roi_names, atlas=str(atlas_dir / "atlas.nii.gz"),
+                           preprocessing=record)
         weights[key] = res.weights.save(wdir / f"{key}.safetensors")
     progress("variance partitioning (action vs reasoning prompt, leave-one-run-out over the training runs)")
-    parts = partition_variance(session.bold[train], ("action", streams["vlm-0__action"][train]),
+    parts = partition_variance(train_bold, ("action", streams["vlm-0__action"][train]),
                                ("reasoning", streams["vlm-0__reasoning"][train]), fcfg)
     partition = wdir / "partition.tsv"
     _write_partition(partition, parts, labels, session.roi_names, agent="vlm-0", planted=pattern)
@@ -356,16 +366,18 @@ class ClosedLoop:
                 self.thread(lambda ecfg=ecfg, key=key: self.encoder_reports.update(
                     {key: run_encoding_service(ecfg, self.stop)}), f"encoder-{key}")
 
-    def start_dashboard(self, port: int | None, play: bool, on_url: Callable[[str], None] | None) -> None:
+    def start_dashboard(self, port: int | None, play: bool, on_url: Callable[[str], None] | None,
+                        inputs=None) -> None:
+        """``inputs``: the participant's trigger key, serial line and key map (``services.dashboard.ParticipantInputs``)."""
         if port is None:
             return
-        from services.dashboard import Dashboard, DashboardConfig
+        from services.dashboard import Dashboard, DashboardConfig, ParticipantInputs
 
         self.dashboard = Dashboard(DashboardConfig(
             frames=self.frames, control=self.control, activations=[s.activations_endpoint for s in self.specs],
             bold=[self.bold, *self.trigger_sources], predictions=list(self.predictions), atlas=str(self.p.atlas),
             atlas_labels=str(self.p.atlas_labels),
-            port=port, play=play))
+            port=port, play=play, inputs=inputs or ParticipantInputs()))
         self.dashboard.start()
         if on_url:
             on_url(self.dashboard.url)
@@ -442,9 +454,21 @@ class LivePlan:
     duration_s: float = 120.0
     simulate: Path | None = None
     """A 4D NIfTI written into the folder at TR pace, with triggers (no scanner at hand)."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """With ``simulate``: scanner-room faults put on every volume before it is written (``encoders.faults``, as
+    ``scanner simulated --faults``); the true per-TR motion goes to ``<out>/truth_motion.tsv``."""
     dashboard_port: int | None = 8000
     on_dashboard: Callable[[str], None] | None = None
     agents: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=lambda: list(DEFAULT_AGENTS))
+    inputs: object | None = None
+    """The scanner room's inputs on the participant's page (``services.dashboard.ParticipantInputs``: trigger
+    key, serial trigger line, button-box key map); None = the defaults (trigger key ``5``, arrows + space)."""
+    tr_fallback: bool = True
+    """Time TRs from the export folder's arrival times while no scanner trigger has come
+    (``services.plumbing.trclock``)."""
+    slices_per_volume: int | None = None
+    """Single-slice DICOM series: slices per volume, overriding what the headers say or the assembler learns
+    (``services.plumbing.dicom.SliceAssembler``); None = from the files."""
 
 
 def run_live(plan: LivePlan, progress: Callable[[str], None] = print) -> dict:
@@ -463,20 +487,37 @@ def run_live(plan: LivePlan, progress: Callable[[str], None] = print) -> dict:
 
     tr = EncodingWeights.load(next(iter(plan.participant.weights.values()))).tr
     Path(plan.scanner_folder).mkdir(parents=True, exist_ok=True)
-    source = FolderSource(plan.scanner_folder, tr=tr, stop=loop.stop)
+    source = FolderSource(plan.scanner_folder, tr=tr, stop=loop.stop, slices_per_volume=plan.slices_per_volume)
     loop.thread(lambda: publish_stream(source, loop.bold), "scanner-watch")
     if plan.simulate is not None:
         triggers = free_tcp_endpoint()
         loop.thread(lambda: run_simulated_scanner(SimulatedScannerConfig(
-            bold=str(plan.simulate), folder=str(plan.scanner_folder), trigger_endpoint=triggers), stop=loop.stop),
+            bold=str(plan.simulate), folder=str(plan.scanner_folder), trigger_endpoint=triggers, faults=plan.faults,
+            truth=str(Path(plan.out) / "truth_motion.tsv") if plan.faults.active else ""), stop=loop.stop),
             "scanner-simulated")
         loop.thread(lambda: _forward_triggers(triggers, loop.control, loop.stop), "trigger-bridge")
     loop.start_encoders(None, trigger_sources=(loop.frames,))  # the emulator re-publishes the triggers it records
-    loop.start_dashboard(plan.dashboard_port, play=True, on_url=plan.on_dashboard or progress)
+    # TRs from the triggers (page keypress, serial line, simulated scanner); the folder's arrivals as fallback
+    from services.plumbing.trclock import TrClockConfig, run_tr_clock
+
+    timing: dict = {}
+    clock = threading.Thread(target=lambda: timing.update(report=run_tr_clock(TrClockConfig(
+        bold=loop.bold, frames=loop.frames, control=loop.control, tr_s=tr, fallback=plan.tr_fallback), loop.stop)),
+        name="tr-clock", daemon=True)  # not loop.thread: wait_emulator's grace would wait for it
+    clock.start()
+    loop.start_dashboard(plan.dashboard_port, play=True, on_url=plan.on_dashboard or progress, inputs=plan.inputs)
     loop.start_agents()
     progress(f"live: {plan.game} for {plan.duration_s:.0f} s; watching {plan.scanner_folder}")
     loop.wait_emulator(grace_s=5.0)
-    return loop.finish("live")
+    summary = loop.finish("live")
+    clock.join(10)
+    if "report" in timing:  # beside the rest of the summary: how TRs were timed, the folder's lag behind them
+        from pipelines.report import json_ready
+
+        summary["tr_timing"] = timing["report"].summary()
+        timing["report"].write_tsv(Path(plan.out) / "tr_timing.tsv")
+        (Path(plan.out) / "summary.json").write_text(json.dumps(json_ready(summary), indent=2, default=str))
+    return summary
 
 
 def _forward_triggers(trigger_endpoint: str, control_endpoint: str, stop: threading.Event) -> None:
@@ -513,7 +554,7 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
 
     from encoders.score import ROI_MEAN, pearson_r
     from encoders.weights import EncodingWeights, roi_table
-    from pipelines.batch import ExtractConfig, Job, run_job
+    from pipelines.batch import ExtractConfig, Job, run_job, score_run
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -536,14 +577,15 @@ def replay_batch(participant: Participant, runs: list[str], out: Path, *,
                     meta = res.meta[name]
                     if w is None or not _matches(w, meta):
                         continue
-                    n = min(len(feats), img.shape[3])
-                    pred = w.predict([feats[:n]])
-                    measured = np.asarray(img.dataobj[..., :n], dtype=np.float32)[w.mask].T
-                    names, p_roi, m_roi = _roi_series(w, pred, measured)
+                    # the weights' preprocessing as the live service applies it (pipelines.batch.score_run)
+                    scored = score_run(w, [feats], img)
+                    if scored.live is not None:  # motion, tSNR, alignment to the weights' space: for the report
+                        scored.live.write_qc(out, key if len(runs) == 1 else f"{key}_{run_label}")
+                    names, p_roi, m_roi = scored.roi_names, scored.predicted, scored.measured
                     series.setdefault(key, []).append((p_roi, m_roi))
                     for roi, r in zip(names, pearson_r(m_roi.astype(np.float64), p_roi.astype(np.float64)).tolist()):
                         rows.append({"run": run_label, "agent": agent_id, "condition": res.meta[name]["condition"],
-                                     "roi": roi, "kind": ROI_MEAN, "r": r, "n_trs": n,
+                                     "roi": roi, "kind": ROI_MEAN, "r": r, "n_trs": len(scored.scored_trs),
                                      "n_undefined": int(np.isnan(r))})
                 bar.advance(task)
     stem_rows: dict[str, list[dict]] = {}
@@ -591,17 +633,6 @@ def _tr(path) -> float:
     return float(nib.load(str(path)).header.get_zooms()[3] or 2.0)
 
 
-def _roi_series(w, pred: np.ndarray, measured: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """ROI names and (T, R) ROI-mean time courses of predicted (T, V) and measured (T, V), the measured
-    z-scored per voxel first (a batch replay has the whole run)."""
-    from encoders.weights import roi_table
-
-    m = (measured - measured.mean(0)) / (measured.std(0) + 1e-9)
-    table = roi_table(w)
-    return ([name for name, _ in table], np.stack([pred[:, idx].mean(1) for _, idx in table], 1),
-            np.stack([m[:, idx].mean(1) for _, idx in table], 1))
-
-
 def _recovery(p: Participant, runs: list[str], stream: str, rois: list[tuple[str, np.ndarray]],
               per_run: list[tuple[np.ndarray, np.ndarray]]) -> list:
     """Planted beside recovered per ROI for one stream, from its per-run (pred, measured) ROI means (T_i, R).
@@ -633,6 +664,7 @@ def _recovery_from_outputs(p: Participant, run: str, out: Path, streams: list[st
     import nibabel as nib
 
     from encoders.weights import EncodingWeights, roi_table
+    from pipelines.batch import measured_series, roi_means
 
     measured_img = nib.load(str(_run(p, run)["bold"]))
     rows = []
@@ -646,11 +678,14 @@ def _recovery_from_outputs(p: Participant, run: str, out: Path, streams: list[st
         if n < 3:
             continue
         pred = np.asarray(pred_img.dataobj[..., :n], dtype=np.float32)[w.mask].T
-        measured = np.asarray(measured_img.dataobj[..., :n], dtype=np.float32)[w.mask].T
+        if w.preprocess_mode == "none":
+            measured, keep = np.asarray(measured_img.dataobj[..., :n], dtype=np.float32)[w.mask].T, np.arange(n)
+        else:  # preprocessed as the encoding service did it, its excluded TRs left out
+            measured, keep, _ = measured_series(w, measured_img, n)
+        if len(keep) < 3:
+            continue
         table = roi_table(w)
-        p_roi = np.stack([pred[:, idx].mean(1) for _, idx in table], 1)
-        m_roi = np.stack([measured[:, idx].mean(1) for _, idx in table], 1)
-        rows += _recovery(p, [run], key, table, [(p_roi, m_roi)])
+        rows += _recovery(p, [run], key, table, [(roi_means(pred[keep], table), roi_means(measured, table))])
     return rows
 
 
@@ -724,7 +759,9 @@ def _finish(out: Path, run: str, streams: list[str], agents_summary: dict | None
         "partition": [asdict(r) for r in read_rows(partition, PartitionRow)] if partition.exists() else [],
         "planted": asdict(pattern) if pattern is not None else None,
         "encoders": {k: {"trs_predicted": r.trs_predicted, "trs_scored": r.trs_scored, "errors": r.errors,
-                         "rejected_messages": r.rejected_messages} for k, r in encoder_reports.items()},
+                         "rejected_messages": r.rejected_messages,
+                         "excluded_trs": getattr(r, "excluded_trs", []),
+                         "registration": getattr(r, "registration", None)} for k, r in encoder_reports.items()},
     }
     if agents_summary is not None:
         summary.update(agents=agents_summary["agents"], emulator=agents_summary["emulator"])

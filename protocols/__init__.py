@@ -19,12 +19,14 @@ from .messages import (
     Message,
     Prediction,
     Status,
+    TRIGGER_MAX_AGE_S,
     Trigger,
+    VolumeQuality,
     Welcome,
 )
 
 __all__ = [
     "ALLOWED_DTYPES", "Decoder", "Encoder", "ProtocolError", "KINDS", "PROTOCOL_VERSION", "Action",
     "Activation", "BoldVolume", "Bye", "Error", "ErrorCode", "Frame", "Heartbeat", "Hello", "Message",
-    "Prediction", "Status", "Trigger", "Welcome",
+    "Prediction", "Status", "TRIGGER_MAX_AGE_S", "Trigger", "VolumeQuality", "Welcome",
 ]

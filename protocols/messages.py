@@ -77,6 +77,9 @@ class Heartbeat(_Message, tag="heartbeat"):
     seq: int = 0
     t_ns: int = 0
     """Sender's monotonic clock."""
+    member: bool = True
+    """In the emulator's echo: False when the sender is not a joined client (a health probe, or a
+    client dropped after 3 silent beats, e.g. one that was frozen): such a client must say Hello again."""
 
 
 class Bye(_Message, tag="bye"):
@@ -182,6 +185,17 @@ class Trigger(_Message, tag="trigger"):
     t_ns: int = 0
     """Sender's monotonic clock (the emulator stamps its own receive time too)."""
     source: str = ""
+    """Where the pulse came from: ``"keyboard"`` (the participant's page), ``"serial"`` (a sync box's serial
+    line), ``"simulated"``, ``"replay"``, ``"folder"`` (fallback: one TR before the volume's arrival in the
+    export folder); '' = the sending client's id."""
+    host_clock: bool = False
+    """``t_ns`` is on the emulator host's ``CLOCK_MONOTONIC``, stamped where the pulse arrived (the dashboard
+    server, the serial reader): the emulator records ``t_ns`` instead of its own receipt time, if it is not in
+    the future and at most ``TRIGGER_MAX_AGE_S`` old (else its receipt time)."""
+
+
+TRIGGER_MAX_AGE_S = 60.0
+"""A ``host_clock`` trigger stamp older than this (or in the future) is replaced by the receipt time."""
 
 
 # --- agents → encoder (agent PUB) --------------------------------------------------------------
@@ -248,6 +262,59 @@ class Prediction(_Message, tag="prediction"):
     """Optional float32 whole-mask prediction (n_voxels,)."""
 
 
-Message = Union[Hello, Welcome, Heartbeat, Bye, Error, Status, Frame, Action, Trigger, Activation, BoldVolume, Prediction]
+class VolumeQuality(_Message, tag="quality"):
+    """What the encoder's preprocessing did with one measured volume (published on topic ``quality``)."""
+
+    agent_id: str
+    """The publishing encoder's stream, as in its Prediction messages."""
+    condition: str
+    tr_index: int
+    t_ns: int
+    """Encoder's monotonic clock when published."""
+    params: list[float] = []
+    """Rigid motion relative to the session's reference volume: trans_x/y/z (mm), rot_x/y/z (radians);
+    empty when the weights record no preprocessing."""
+    fd_mm: float = float("nan")
+    """Framewise displacement (Power, 50 mm sphere), mm; NaN when undefined."""
+    std_dvars: float = float("nan")
+    """DVARS relative to the usual DVARS so far; NaN early."""
+    excluded: bool = False
+    """Not scored (censored for FD or DVARS, warm-up, unusable)."""
+    reason: str = ""
+    """Why it was excluded, for people ('' when scored; several joined by "; "), e.g. ``FD 1.20 mm > 0.9 mm``,
+    ``warm-up``."""
+    excluded_total: int = 0
+    """Volumes excluded so far in the session."""
+    volumes: int = 0
+    """Volumes processed so far in the session."""
+    preprocess_ms: float = float("nan")
+    """Preprocessing of this volume (realignment, reslice, GLM, standardisation), ms."""
+    process_ms: float = float("nan")
+    """The encoder's whole handling of this volume (preprocessing, ROI means, scoring), ms."""
+    aligned: int = -1
+    """The session's registration to the weights' space (once per session, at its first volume): 1 registered,
+    0 failed (every volume is then excluded), -1 none: not yet (``registration`` '') or never (``registration``
+    says why: no weights reference, alignment off)."""
+    registration: str = ""
+    """That registration for people, e.g. ``aligned: 3.21 mm, 2.05°, match r 0.962`` or ``NOT aligned: poor
+    match to the reference (r = 0.41 < 0.7)``; '' before it."""
+    align_mm: float = float("nan")
+    """Translation of the session reference to the weights' reference, mm (length of the vector); NaN without."""
+    align_deg: float = float("nan")
+    """Rotation of that registration, degrees (angle); NaN without."""
+    align_match_r: float = float("nan")
+    """Correlation of the aligned session reference with the weights' reference; NaN without."""
+    overlay_png: bytes = b""
+    """The alignment overlay (the weights' reference in grey, the aligned session reference as contours), a
+    downscaled PNG of a few tens of kB (at most ``OVERLAY_MAX_BYTES``), sent ONCE: in the quality message of the
+    volume whose processing completed the registration; empty in every other message."""
+
+
+OVERLAY_MAX_BYTES = 256 * 1024
+"""``VolumeQuality.overlay_png`` is never larger (a sender drops a larger one; a receiver ignores it)."""
+
+
+Message = Union[Hello, Welcome, Heartbeat, Bye, Error, Status, Frame, Action, Trigger, Activation, BoldVolume, Prediction,
+                VolumeQuality]
 MESSAGE_TYPES: tuple[type, ...] = Message.__args__  # type: ignore[attr-defined]
 KINDS: dict[str, type] = {t.__struct_config__.tag: t for t in MESSAGE_TYPES}

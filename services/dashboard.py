@@ -14,7 +14,23 @@ second; a browser that cannot keep up just skips to the newest.
 
 Keyboard play (``play=True``): the dashboard joins the emulator through ``GameClient`` as client
 ``human`` asking for the controller role, and answers every new frame with the action the
-browser's held keys map to (arrows + space, named as in the game's ``action_meanings``).
+browser's held keys map to (arrows + space, named as in the game's ``action_meanings``; or a
+button box's keys through ``ParticipantInputs.keymap``, ``1=LEFT,2=RIGHT,…``, shown on the page).
+
+Scanner triggers (the scanner room's inputs): in play mode the participant's page sends the sync
+box's trigger keypress (``ParticipantInputs.trigger_key``, default ``5``; never a game action) and
+the server stamps it on arrival with ``time.monotonic_ns()`` (the emulator's clock on this host); a
+serial line (``ParticipantInputs.serial``, pyserial) is read and stamped the same way. Both go to
+the emulator as ``Trigger`` messages (``source`` ``keyboard`` / ``serial``, ``host_clock`` true, TR
+index counted from 0), through one ``TriggerForwarder`` that drops pulses closer than
+``min_trigger_interval_s`` to the previous one (counted).
+
+Scanner quality: the encoders' ``VolumeQuality`` messages (topic ``quality``) give, per measured
+volume, the motion parameters, framewise displacement, whether it was excluded and the processing
+time; the page draws the motion trace, FD per TR, the excluded count and the time per volume. They
+also carry the session's registration to the weights' space (aligned / failed and why / not yet,
+translation, rotation, match r) and, once, the alignment overlay PNG: the newest per stream is
+served at ``/api/overlay.png?stream=KEY`` and shown in the panel.
 
 Access: on a loopback host the page is open; on any other host a token is required (query
 ``?token=``, header ``X-Neuroarcade-Token`` or ``Authorization: Bearer``; the page then keeps it
@@ -34,6 +50,7 @@ import ipaddress
 import json
 import logging
 import math
+import re
 import secrets
 import struct
 import threading
@@ -50,12 +67,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from protocols import Action, Activation, BoldVolume, Decoder, Frame, Prediction, Status, Trigger
+from protocols import Action, Activation, BoldVolume, Decoder, Frame, Prediction, Status, Trigger, VolumeQuality
+from protocols.messages import OVERLAY_MAX_BYTES
 from services.plumbing.metrics import snapshot_registry
 from services.plumbing.security import CurveConfig, SecurityError, check_connect, secure_connect
+from services.plumbing.serial_trigger import SerialTriggerConfig, SerialTriggerError, SerialTriggerReader
 from services.plumbing.transport import (
     DEFAULT_CONTROL, DEFAULT_FRAMES, TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_FRAME, TOPIC_HEARTBEAT, TOPIC_PREDICTION,
-    TOPIC_TRIGGER, Channel, make_socket, split_topic,
+    TOPIC_QUALITY, TOPIC_TRIGGER, Channel, make_socket, split_topic,
 )
 
 log = logging.getLogger("neuroarcade.dashboard")
@@ -68,6 +87,75 @@ MAX_STREAMS = 64
 """Agents / prediction streams kept at most (bounded memory against a misbehaving publisher)."""
 MAX_DRAIN = 2000
 """Messages handled per socket per wake-up before the other sockets get their turn."""
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+ALE_ACTIONS = ("NOOP", "FIRE", "UP", "RIGHT", "LEFT", "DOWN", "UPRIGHT", "UPLEFT", "DOWNRIGHT", "DOWNLEFT", "UPFIRE",
+               "RIGHTFIRE", "LEFTFIRE", "DOWNFIRE", "UPRIGHTFIRE", "UPLEFTFIRE", "DOWNRIGHTFIRE", "DOWNLEFTFIRE")
+"""ALE's full action set: the names a key map may use (a game has a subset: its ``action_meanings``)."""
+KEY_ALIASES = {"space": " ", "spacebar": " ", "left": "ArrowLeft", "right": "ArrowRight", "up": "ArrowUp",
+               "down": "ArrowDown", "enter": "Enter", "return": "Enter"}
+"""Names accepted for keys that are awkward to write in ``--keymap``/``--trigger-key`` (browser ``KeyboardEvent.key``)."""
+
+
+def normalize_key(key: str) -> str:
+    """A browser ``KeyboardEvent.key`` as compared here: single characters lower-cased (``T`` with caps lock
+    on is still the trigger ``t``), a few names (``space``, ``left``…) mapped to the browser's."""
+    if len(key) == 1:
+        return key.lower()
+    return KEY_ALIASES.get(key.lower(), key)
+
+
+def parse_keymap(text: str) -> dict[str, str]:
+    """``"1=LEFT,2=RIGHT,3=FIRE,4=NOOP"`` → ``{"1": "LEFT", …}`` (ValueError naming the bad item).
+
+    Keys are browser key names (``1``, ``b``, ``ArrowLeft``, ``space``); actions are ALE action names
+    (``ALE_ACTIONS``, any case). A key given twice, an empty key or an unknown action is an error."""
+    out: dict[str, str] = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        key, sep, action = item.rpartition("=")
+        key, action = key.strip(), action.strip().upper()
+        if not sep or not key:
+            raise ValueError(f"key map item {item!r} is not KEY=ACTION (e.g. 1=LEFT)")
+        if action not in ALE_ACTIONS:
+            raise ValueError(f"key map item {item!r}: {action!r} is not an ALE action (one of {', '.join(ALE_ACTIONS)})")
+        k = normalize_key(key)
+        if k in out:
+            raise ValueError(f"key map gives key {key!r} twice")
+        out[k] = action
+    return out
+
+
+@dataclass
+class ParticipantInputs:
+    """The scanner room's inputs on the participant's computer: the sync box's trigger and the button box."""
+
+    trigger_key: str = "5"
+    """Browser key the sync box types at each TR pulse (``5``; ``t`` is also common); '' = none. Never a game action."""
+    keymap: dict[str, str] = field(default_factory=dict)
+    """Button box: browser key → ALE action name (``parse_keymap``); empty = arrows/WASD + space."""
+    serial: SerialTriggerConfig = field(default_factory=SerialTriggerConfig)
+    """A serial line carrying the pulses too (``serial.port`` '' = none)."""
+    min_trigger_interval_s: float = 0.1
+    """Pulses (keyboard or serial) closer than this to the previous accepted one are dropped and counted."""
+
+    def check(self) -> None:
+        """ValueError for an unusable setup: the trigger key in the key map, an unknown action, a bad serial byte."""
+        bad = [a for a in self.keymap.values() if a not in ALE_ACTIONS]
+        if bad:
+            raise ValueError(f"key map names {', '.join(bad)}: not ALE actions")
+        if self.trigger_key and normalize_key(self.trigger_key) in {normalize_key(k) for k in self.keymap}:
+            raise ValueError(f"the trigger key {self.trigger_key!r} is also in the key map: a trigger is never a "
+                             "game action; choose another key for one of them")
+        if self.min_trigger_interval_s < 0:
+            raise ValueError("min_trigger_interval_s must be >= 0")
+        if self.serial.port:
+            try:
+                self.serial.trigger_byte()
+            except SerialTriggerError as e:
+                raise ValueError(str(e)) from None
 
 
 @dataclass
@@ -106,6 +194,8 @@ class DashboardConfig:
     curve: CurveConfig = field(default_factory=CurveConfig)
     """CURVE client keys: our key pair and the servers' public keys (a file, or a folder of
     HOST.key files). Required when any endpoint is off loopback."""
+    inputs: ParticipantInputs = field(default_factory=ParticipantInputs)
+    """Trigger key (accepted from the page in ``play`` mode), serial trigger line and button-box key map."""
 
 
 def is_loopback_host(host: str) -> bool:
@@ -158,6 +248,26 @@ def action_for_keys(buttons: set[str], meanings: list[str] | tuple[str, ...]) ->
     return 0
 
 
+def action_for_held(keys: list[str], meanings: list[str] | tuple[str, ...], keymap: dict[str, str],
+                    trigger_key: str = "") -> tuple[int, str]:
+    """Action index for the browser keys held (in the order pressed) and the key that chose it ('' = none).
+
+    With a ``keymap`` (button box) the most recently pressed mapped key wins; its action must be one of
+    the game's ``meanings`` (otherwise it counts as NOOP). Without, arrows/WASD/space combine as in
+    ``action_for_keys``. The trigger key is never an action."""
+    trig = normalize_key(trigger_key) if trigger_key else None
+    held = [normalize_key(k) for k in keys if normalize_key(k) != trig]
+    if keymap:
+        names = {m: i for i, m in enumerate(meanings)}
+        for k in reversed(held):
+            if k in keymap:
+                return (names.get(keymap[k], names.get("NOOP", 0)), k)
+        return names.get("NOOP", 0), ""
+    browser = {normalize_key(k): b for k, b in BROWSER_KEYS.items()}
+    buttons = {browser[k] for k in held if k in browser}
+    return action_for_keys(buttons, meanings), "+".join(sorted(buttons))
+
+
 # --- the newest state of every stream ---------------------------------------------------------------
 
 
@@ -189,6 +299,13 @@ class LiveState:
         self._trigger_times: list[float] = []
         self.counts: dict[str, int] = {}
         self.play: dict[str, Any] = {"enabled": False}
+        self.inputs: dict[str, Any] = {}
+        """Trigger key, key map, serial port and the triggers forwarded (set by ``Dashboard``/``TriggerForwarder``)."""
+        self.quality: dict[str, dict[str, Any]] = {}
+        """Per encoder stream: the last ``history_trs`` volumes' motion, FD, exclusion and processing time, and
+        the session's registration to the weights' space."""
+        self.overlays: dict[str, bytes] = {}
+        """Per encoder stream: the newest alignment overlay PNG it published (``VolumeQuality.overlay_png``)."""
         self.t0 = time.monotonic()
         self._frame_times: list[float] = []
 
@@ -315,6 +432,69 @@ class LiveState:
             self.play.update(info)
             self.version += 1
 
+    def on_inputs(self, **info: Any) -> None:
+        with self.lock:
+            self.inputs.update(info)
+            self.version += 1
+
+    def on_quality(self, q: VolumeQuality) -> None:
+        key = f"{q.agent_id} · {q.condition}" if q.condition else q.agent_id
+        with self.lock:
+            self._bump("quality")
+            stream = self.quality.get(key)
+            if stream is None:
+                if len(self.quality) >= MAX_STREAMS:
+                    self._bump("dropped_stream")
+                    return
+                stream = self.quality[key] = {"trs": OrderedDict(), "reasons": {}}
+            params = [_finite(x) for x in q.params[:6]]
+            new = q.tr_index not in stream["trs"]  # a volume re-sent counts its reason once
+            stream["trs"][q.tr_index] = (params, _finite(q.fd_mm), bool(q.excluded), _finite(q.process_ms),
+                                         _finite(q.preprocess_ms))
+            stream["trs"].move_to_end(q.tr_index)
+            while len(stream["trs"]) > self.history_trs:
+                stream["trs"].popitem(last=False)
+            if new and q.excluded and q.reason:
+                for r in q.reason.split(";")[:8]:  # "FD 1.20 mm > 0.9 mm; warm-up" → fd, warm-up
+                    kind = re.match(r"[^0-9:(×]*", r.strip()).group(0).strip().lower()[:60] or "other"
+                    stream["reasons"][kind] = stream["reasons"].get(kind, 0) + 1
+            stream.update(excluded_total=q.excluded_total, volumes=q.volumes, last_tr=q.tr_index)
+            if q.aligned != -1 or q.registration or "aligned" not in stream:  # the newest registration state
+                stream.update(aligned=q.aligned if q.aligned in (-1, 0, 1) else -1, registration=q.registration[:300],
+                              align_mm=_finite(q.align_mm), align_deg=_finite(q.align_deg),
+                              align_match_r=_finite(q.align_match_r))
+            if q.overlay_png:
+                if len(q.overlay_png) <= OVERLAY_MAX_BYTES and q.overlay_png[:8] == PNG_MAGIC:
+                    self.overlays[key] = bytes(q.overlay_png)
+                    stream["overlay"] = stream.get("overlay", 0) + 1  # a version: the page reloads the image
+                    stream["overlay_bytes"] = len(q.overlay_png)
+                else:
+                    self._bump("bad_overlay")
+            self.version += 1
+
+    def _quality_snapshot(self) -> dict[str, Any]:
+        """Call with the lock held. Per stream: parallel lists over the TRs kept, and summary numbers."""
+        out = {}
+        for key, s in self.quality.items():
+            trs = list(s["trs"].items())
+            ms = [v[3] for _, v in trs if v[3] is not None]
+            out[key] = {"tr": [t for t, _ in trs], "params": [v[0] for _, v in trs], "fd": [v[1] for _, v in trs],
+                        "excluded": [v[2] for _, v in trs], "process_ms": [v[3] for _, v in trs],
+                        "preprocess_ms": [v[4] for _, v in trs], "excluded_total": s.get("excluded_total", 0),
+                        "volumes": s.get("volumes", 0), "last_tr": s.get("last_tr"), "reasons": dict(s["reasons"]),
+                        "process_ms_p50": float(np.median(ms)) if ms else None,
+                        "process_ms_max": float(max(ms)) if ms else None,
+                        "aligned": s.get("aligned", -1), "registration": s.get("registration", ""),
+                        "align_mm": s.get("align_mm"), "align_deg": s.get("align_deg"),
+                        "align_match_r": s.get("align_match_r"), "overlay": s.get("overlay", 0),
+                        "overlay_bytes": s.get("overlay_bytes", 0)}
+        return out
+
+    def overlay(self, key: str) -> bytes | None:
+        """The newest alignment overlay PNG of encoder stream ``key`` (None before one came)."""
+        with self.lock:
+            return self.overlays.get(key)
+
     # readers (web server) -------------------------------------------------------------------------
     def frame_message(self) -> tuple[int, bytes] | None:
         with self.lock:
@@ -364,7 +544,8 @@ class LiveState:
                 frame["age_ms"] = (time.monotonic_ns() - frame["t_ns"]) / 1e6
             return {"version": self.version, "uptime_s": now - self.t0, "game": self.game, "frame": frame,
                     "frame_fps": fps, "emulator": dict(self.emulator), "agents": agents, "streams": streams,
-                    "scanner": scanner, "counts": dict(self.counts), "play": dict(self.play)}
+                    "scanner": scanner, "counts": dict(self.counts), "play": dict(self.play),
+                    "inputs": json.loads(json.dumps(self.inputs, default=str)), "quality": self._quality_snapshot()}
 
 
 # --- the subscriber thread ---------------------------------------------------------------------------
@@ -387,7 +568,8 @@ class Subscriber:
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.thread.join(5)
+        if self.thread.ident is not None:  # started (a failed Dashboard.start may stop what never ran)
+            self.thread.join(5)
 
     def _run(self) -> None:
         cfg = self.cfg
@@ -395,18 +577,23 @@ class Subscriber:
         # frames: tiny HWM, we only want the newest; the rest: room for bursts of small messages
         if cfg.frames:
             s = make_socket(self.ctx, zmq.SUB, hwm=4, linger_ms=0)
-            for topic in (TOPIC_FRAME, TOPIC_HEARTBEAT):
+            # the emulator re-publishes the triggers it records (keyboard, serial): the TR clock, unless the
+            # frames endpoint is also a data endpoint here (live: subscribed there already)
+            topics = (TOPIC_FRAME, TOPIC_HEARTBEAT) + (() if cfg.frames in cfg.bold else (TOPIC_TRIGGER,))
+            for topic in topics:
                 s.setsockopt(zmq.SUBSCRIBE, topic)
             secure_connect(s, cfg.frames, cfg.curve)
-            channels.append(Channel(s, Decoder([Frame, Status])))
+            channels.append(Channel(s, Decoder([Frame, Status, Trigger])))
         data_eps = [*cfg.activations, *cfg.bold, *cfg.predictions]
         if data_eps:
             s = make_socket(self.ctx, zmq.SUB, hwm=1000, linger_ms=0)
-            for topic in (TOPIC_ACTIVATION, TOPIC_ACTION, TOPIC_BOLD, TOPIC_TRIGGER, TOPIC_PREDICTION, TOPIC_HEARTBEAT):
+            for topic in (TOPIC_ACTIVATION, TOPIC_ACTION, TOPIC_BOLD, TOPIC_TRIGGER, TOPIC_PREDICTION, TOPIC_QUALITY,
+                          TOPIC_HEARTBEAT):
                 s.setsockopt(zmq.SUBSCRIBE, topic)
             for ep in data_eps:
                 secure_connect(s, ep, cfg.curve)
-            channels.append(Channel(s, Decoder([Activation, Action, BoldVolume, Trigger, Prediction, Status])))
+            channels.append(Channel(s, Decoder([Activation, Action, BoldVolume, Trigger, Prediction, VolumeQuality,
+                                                Status])))
         poller = zmq.Poller()
         for ch in channels:
             poller.register(ch.sock, zmq.POLLIN)
@@ -452,6 +639,8 @@ class Subscriber:
             st.on_prediction(msg)
         elif isinstance(msg, Trigger):
             st.on_trigger(msg)
+        elif isinstance(msg, VolumeQuality):
+            st.on_quality(msg)
         elif isinstance(msg, BoldVolume):
             st.on_bold(msg)
         elif isinstance(msg, Status):
@@ -494,20 +683,38 @@ class KeyboardPlayer:
         self.client_id = client_id
         self.stop_event = threading.Event()
         self._buttons: set[str] = set()
+        self._keys: list[str] = []
         self._lock = threading.Lock()
         self.actions_sent = 0
         self.thread = threading.Thread(target=self._run, name="dashboard-play", daemon=True)
 
     def set_buttons(self, buttons: set[str]) -> None:
+        """Logical buttons held (UP/DOWN/LEFT/RIGHT/FIRE; older pages send these)."""
         with self._lock:
             self._buttons = set(buttons) & {"UP", "DOWN", "LEFT", "RIGHT", "FIRE"}
+            self._keys = []
+
+    def set_keys(self, keys: list[str]) -> None:
+        """Browser keys held, in the order pressed (the trigger key is dropped: never a game action)."""
+        trig = normalize_key(self.cfg.inputs.trigger_key) if self.cfg.inputs.trigger_key else None
+        with self._lock:
+            self._keys = [k for k in keys if normalize_key(k) != trig]
+            self._buttons = set()
+
+    def _action(self, meanings: list[str]) -> tuple[int, str]:
+        with self._lock:
+            keys, buttons = list(self._keys), set(self._buttons)
+        if keys or not buttons:
+            return action_for_held(keys, meanings, self.cfg.inputs.keymap, self.cfg.inputs.trigger_key)
+        return action_for_keys(buttons, meanings), "+".join(sorted(buttons))
 
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.thread.join(5)
+        if self.thread.ident is not None:  # started (a failed Dashboard.start may stop what never ran)
+            self.thread.join(5)
 
     def _run(self) -> None:
         from services.plumbing.client import GameClient
@@ -530,20 +737,93 @@ class KeyboardPlayer:
                 if frame.session_id == last[0] and frame.seq <= last[1]:
                     continue  # lockstep re-publishes a pending frame: answer it once
                 last = (frame.session_id, frame.seq)
-                with self._lock:
-                    buttons = set(self._buttons)
                 meanings = client.welcome.action_meanings
-                action = action_for_keys(buttons, meanings)
+                action, chosen_by = self._action(meanings)
                 try:
                     client.act(frame, action)
                     self.actions_sent += 1
                 except zmq.Again:
                     continue
-                self.state.on_play(role=client.role, buttons=sorted(buttons), action=action,
+                unplayable = sorted(k for k, a in self.cfg.inputs.keymap.items() if a not in meanings)
+                self.state.on_play(role=client.role, buttons=chosen_by, action=action,
                                    action_name=meanings[action], frame_seq=frame.seq, actions_sent=self.actions_sent,
-                                   errors=client.stats.errors[-3:])
+                                   errors=client.stats.errors[-3:], unplayable_keys=unplayable)
         finally:
             client.close()
+
+
+# --- scanner triggers from the participant's computer -----------------------------------------------
+
+
+class TriggerForwarder:
+    """Keyboard and serial pulses → ``Trigger`` messages to the emulator, TR index counted from 0.
+
+    ``pulse`` is called where the pulse arrives (the web server's event loop, the serial reader's thread)
+    with the host monotonic time stamped there; it never blocks: the pulse is queued for this object's
+    thread, which owns the DEALER socket (ZMQ sockets are not thread-safe). A pulse closer than
+    ``min_interval_s`` to the previous accepted one is dropped and counted (key repeat, a slice-wise
+    sync box, a flood)."""
+
+    def __init__(self, cfg: DashboardConfig, state: LiveState, ctx: zmq.Context):
+        import queue
+
+        self.cfg = cfg
+        self.state = state
+        self.ctx = ctx
+        self.min_ns = int(cfg.inputs.min_trigger_interval_s * 1e9)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._last_ns: int | None = None
+        self.next_tr = 0
+        self.sent = 0
+        self.lost = 0
+        self.debounced = 0
+        self.by_source: dict[str, int] = {}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="dashboard-triggers", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._queue.put(None)
+        if self.thread.ident is not None:
+            self.thread.join(5)
+
+    def pulse(self, source: str, t_ns: int) -> int | None:
+        """Accept one pulse stamped ``t_ns`` (host monotonic ns); its TR index, or None when debounced."""
+        with self._lock:
+            if self._last_ns is not None and t_ns - self._last_ns < self.min_ns:
+                self.debounced += 1
+                self.state.on_inputs(triggers_debounced=self.debounced)
+                return None
+            self._last_ns = t_ns
+            tr, self.next_tr = self.next_tr, self.next_tr + 1
+            self.by_source[source] = self.by_source.get(source, 0) + 1
+            self.state.on_inputs(triggers_by_source=dict(self.by_source), last_trigger_tr=tr,
+                                 last_trigger_source=source)
+            self._queue.put(Trigger(tr_index=tr, t_ns=t_ns, source=source, host_clock=True))  # in TR order
+        return tr
+
+    def _run(self) -> None:
+        dealer = make_socket(self.ctx, zmq.DEALER, hwm=10_000, linger_ms=200)
+        ch = Channel(dealer)
+        try:
+            secure_connect(dealer, self.cfg.control, self.cfg.curve)
+            while True:
+                msg = self._queue.get()
+                if msg is None:
+                    break
+                try:
+                    ch.send(msg, flags=zmq.NOBLOCK)
+                    self.sent += 1
+                    self.state.on_inputs(triggers_sent=self.sent)
+                except zmq.Again:  # 10 000 queued for an absent emulator: this one is lost, counted
+                    self.lost += 1
+                    self.state.on_inputs(triggers_lost=self.lost)
+        finally:
+            dealer.close(linger=200)
 
 
 # --- brain map -----------------------------------------------------------------------------------------
@@ -606,7 +886,8 @@ def read_label_table(path: str | Path) -> dict[int, str]:
 # --- the web server -----------------------------------------------------------------------------------
 
 
-def create_app(cfg: DashboardConfig, state: LiveState, player: KeyboardPlayer | None = None):
+def create_app(cfg: DashboardConfig, state: LiveState, player: KeyboardPlayer | None = None,
+               triggers: TriggerForwarder | None = None):
     app = FastAPI(title="neuroarcade dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     brain_map = load_brain_map(cfg)
     static_files = {p.name: p for p in STATIC_DIR.iterdir() if p.is_file()}
@@ -663,6 +944,15 @@ def create_app(cfg: DashboardConfig, state: LiveState, player: KeyboardPlayer | 
             raise HTTPException(status_code=404, detail="no frame yet")
         return Response(_png(msg[1]), media_type="image/png")
 
+    @app.get("/api/overlay.png")
+    def api_overlay(request: Request, stream: str = ""):
+        """The newest alignment overlay of encoder stream ``stream`` (a key of the snapshot's ``quality``)."""
+        guard(request)
+        png = state.overlay(stream)
+        if png is None:
+            raise HTTPException(status_code=404, detail=f"no alignment overlay from stream {stream!r} yet")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
     @app.websocket("/ws")
     async def ws(websocket: WebSocket):
         if not token_ok(websocket.query_params, websocket.headers, websocket.cookies):
@@ -692,14 +982,25 @@ def create_app(cfg: DashboardConfig, state: LiveState, player: KeyboardPlayer | 
         try:
             while True:
                 text = await websocket.receive_text()
+                t_arrival = time.monotonic_ns()  # a trigger keypress is stamped here, on arrival
+                if len(text) > 4096:
+                    continue
                 try:
                     msg = json.loads(text)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(msg, dict) and msg.get("type") == "keys" and player is not None:
-                    buttons = msg.get("buttons", [])
-                    if isinstance(buttons, list):
-                        player.set_buttons({str(b) for b in buttons[:8]})
+                if not isinstance(msg, dict):
+                    continue
+                if msg.get("type") == "trigger":
+                    if triggers is not None and str(msg.get("key", "")) and \
+                            normalize_key(str(msg.get("key"))) == normalize_key(cfg.inputs.trigger_key):
+                        triggers.pulse("keyboard", t_arrival)
+                elif msg.get("type") == "keys" and player is not None:
+                    keys = msg.get("keys")
+                    if isinstance(keys, list):
+                        player.set_keys([str(k)[:32] for k in keys[:8]])
+                    elif isinstance(msg.get("buttons"), list):
+                        player.set_buttons({str(b) for b in msg["buttons"][:8]})
         except Exception:  # disconnect ends the session's reader
             return
 
@@ -739,8 +1040,20 @@ class Dashboard:
         self.ctx = ctx or zmq.Context.instance()
         self.state = LiveState(cfg.history_trs)
         self.subscriber = Subscriber(cfg, self.state, self.ctx)
+        cfg.inputs.check()
         self.player = KeyboardPlayer(cfg, self.state, self.ctx) if cfg.play else None
-        self.app = create_app(cfg, self.state, self.player)
+        # the page's trigger key is the participant's computer's (play mode); a serial line is wherever it is given
+        forward = bool(cfg.control) and ((cfg.play and bool(cfg.inputs.trigger_key)) or bool(cfg.inputs.serial.port))
+        self.triggers = TriggerForwarder(cfg, self.state, self.ctx) if forward else None
+        self.serial: SerialTriggerReader | None = None
+        if cfg.inputs.serial.port and self.triggers is not None:
+            fwd = self.triggers
+            self.serial = SerialTriggerReader(cfg.inputs.serial, lambda t_ns: fwd.pulse("serial", t_ns))
+        self.state.on_inputs(trigger_key=normalize_key(cfg.inputs.trigger_key) if cfg.play and forward else "",
+                             keymap=[[k, a] for k, a in cfg.inputs.keymap.items()], serial_port=cfg.inputs.serial.port,
+                             min_trigger_interval_s=cfg.inputs.min_trigger_interval_s, triggers_sent=0,
+                             triggers_debounced=0, triggers_by_source={})
+        self.app = create_app(cfg, self.state, self.player, self.triggers)
         self._server = None
         self._thread: threading.Thread | None = None
 
@@ -757,8 +1070,12 @@ class Dashboard:
         return uvicorn.Server(config)
 
     def _start_streams(self) -> None:
+        if self.serial is not None:
+            self.serial.start()  # first: a missing port is an error before anything else runs
         self.subscriber.start()
         self.subscriber.ready.wait(5)
+        if self.triggers is not None:
+            self.triggers.start()
         if self.player is not None:
             self.player.start()
 
@@ -784,8 +1101,13 @@ class Dashboard:
             self._stop_streams()
 
     def _stop_streams(self) -> None:
+        if self.serial is not None:
+            self.serial.stop()
+            self.state.on_inputs(serial=dict(self.serial.counts.__dict__))
         if self.player is not None:
             self.player.stop()
+        if self.triggers is not None:
+            self.triggers.stop()
         self.subscriber.stop()
 
     def stop(self) -> None:

@@ -31,7 +31,8 @@ import numpy as np
 import zmq
 
 from protocols import (
-    Action, Bye, Error, ErrorCode, Frame, Heartbeat, Hello, ProtocolError, Status, Trigger, Welcome,
+    TRIGGER_MAX_AGE_S, Action, Bye, Error, ErrorCode, Frame, Heartbeat, Hello, ProtocolError, Status, Trigger,
+    Welcome,
 )
 
 from services.plumbing.game import (
@@ -364,8 +365,8 @@ class Emulator:
                     log.error("replay diverged at seq %d: %s != recorded %s", rec.seq, h, rec.frame_hash)
         return "end of recording" if src.complete else "end of truncated recording"
 
-    def _emit_trigger(self, tr_index: int, source: str) -> None:
-        now = time.monotonic_ns()
+    def _emit_trigger(self, tr_index: int, source: str, t_ns: int | None = None) -> None:
+        now = time.monotonic_ns() if t_ns is None else t_ns
         self._triggers += 1
         self.writer.write(TriggerMark(tr_index=tr_index, t_ns=now, source=source))
         try:
@@ -468,11 +469,15 @@ class Emulator:
         if isinstance(msg, Hello):
             self._on_hello(identity, msg, now)
         elif isinstance(msg, Heartbeat):
-            self._reply(identity, Heartbeat(sender="emulator", seq=msg.seq, t_ns=now))
+            # member=False tells a client dropped while it was frozen (or a probe) that it is not joined
+            self._reply(identity, Heartbeat(sender="emulator", seq=msg.seq, t_ns=now, member=client is not None))
         elif isinstance(msg, Action):
             self._on_action(identity, client, msg, now)
         elif isinstance(msg, Trigger):
-            self._emit_trigger(msg.tr_index, source=msg.source or (client.client_id if client else ""))
+            # host_clock: stamped on this host where the pulse arrived (dashboard, serial reader): kept if plausible
+            stamped = msg.host_clock and now - int(TRIGGER_MAX_AGE_S * 1e9) <= msg.t_ns <= now
+            self._emit_trigger(msg.tr_index, source=msg.source or (client.client_id if client else ""),
+                               t_ns=msg.t_ns if stamped else now)
         elif isinstance(msg, Bye):
             self._drop(identity)
         else:

@@ -34,7 +34,7 @@ from encoders.preprocess import PreprocessCounts
 from encoders.score import ROI_MEAN, VOXEL_MEAN, RunningPearson, mean_r
 from encoders.stream import LivePreprocess, OnlinePredictor
 from encoders.weights import EncodingWeights, WeightsError, roi_table
-from protocols import Activation, BoldVolume, Prediction, Trigger
+from protocols import Activation, BoldVolume, Prediction, Trigger, VolumeQuality
 from services.plumbing.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
 
 log = logging.getLogger("neuroarcade.encoding")
@@ -70,6 +70,10 @@ class CoreConfig:
     preprocess: bool = True
     """Apply the preprocessing the weights record (mode ``none``: nothing to apply); False forces it off
     (comparisons only: the weights' scores then do not mean what the fit meant)."""
+    align: bool = True
+    """With the preprocessing on and a reference volume in the weights: register the session's reference to it
+    once and reslice every volume into the weights' space (``encoders.register``). False: the session is taken
+    to be in the weights' space already (it must then come on their grid)."""
 
 
 class EncodingCore:
@@ -99,8 +103,8 @@ class EncodingCore:
         self.voxel_scores = RunningPearson(weights.n_voxels)
         self.errors: Counter[str] = Counter()
         self.first_error: dict[str, str] = {}
-        self.preprocess = (LivePreprocess(weights) if self.cfg.preprocess and weights.preprocess_mode != "none"
-                           else None)
+        self.preprocess = (LivePreprocess(weights, align=self.cfg.align)
+                           if self.cfg.preprocess and weights.preprocess_mode != "none" else None)
         """The weights' preprocessing applied to every measured volume (None: volumes scored as they come)."""
         self.excluded_trs: set[int] = set()
         """Measured TRs the preprocessing excluded (not scored; reasons in ``preprocess.counts``)."""
@@ -168,9 +172,23 @@ class EncodingCore:
         raise InputError("feature_mismatch", f"activation from agent {act.agent_id!r} matches no feature space "
                                              "of the weights: " + " | ".join(problems))
 
-    def on_volume(self, tr_index: int, data: np.ndarray) -> list[Prediction]:
-        """A measured volume; returns a Prediction update if its prediction already exists."""
+    def on_volume(self, tr_index: int, data: np.ndarray, affine=None) -> list[Prediction]:
+        """A measured volume (``affine``: its 4×4 voxel → world map, row-major 16 numbers or (4, 4); None = the
+        weights'); returns a Prediction update if its prediction already exists. When the preprocessing aligns
+        the session to the weights' space (the weights keep a reference volume), the volume may come on any
+        grid: it is registered and resliced there."""
         data = np.asarray(data)
+        if self.preprocess is not None and self.preprocess.aligns:
+            if data.ndim != 3:
+                raise InputError("wrong_shape", f"BOLD volume {tr_index} has shape {data.shape}, not a 3-D volume")
+            if not np.all(np.isfinite(data)):
+                raise InputError("bad_volume", f"BOLD volume {tr_index} has non-finite values")
+            aff = None if affine is None else np.asarray(affine, float).reshape(4, 4)
+            out = self.preprocess.push(tr_index, data, tr_index * self.tr_ns / 1e9, aff)
+            if out.excluded:
+                self.excluded_trs.add(tr_index)
+                return []
+            return self._measured(tr_index, out.data)
         if data.shape != self.weights.mask.shape:
             raise InputError("wrong_shape", f"BOLD volume {tr_index} has shape {data.shape}, the weights were "
                                             f"fitted on grid {self.weights.mask.shape}")
@@ -183,6 +201,10 @@ class EncodingCore:
                 self.excluded_trs.add(tr_index)
                 return []
             masked = out.data
+        return self._measured(tr_index, masked)
+
+    def _measured(self, tr_index: int, masked: np.ndarray) -> list[Prediction]:
+        """Measured voxels (n_voxels,) of TR ``tr_index``, ready to score."""
         self.roi_measured[tr_index] = (masked @ self._pool).astype(np.float64)
         if tr_index in self.predictions:
             return [self._score(tr_index, masked)]
@@ -239,6 +261,36 @@ class EncodingCore:
             voxels=self.predictions[t] if self.cfg.send_voxels else None,
         )
 
+    def volume_quality(self, tr_index: int, process_ms: float, overlay_png: bytes = b"") -> VolumeQuality:
+        """What the preprocessing did with measured volume ``tr_index`` (motion, FD, exclusion, time) and the
+        session's registration to the weights' space (``overlay_png``: the overlay, given once), for sinks."""
+        qc = self.preprocess.trace[-1] if self.preprocess is not None and self.preprocess.trace else None
+        qc = qc if qc is not None and qc.tr_index == tr_index else None
+        reg = self.registration()
+        if reg is not None:
+            text = (f"aligned: {reg['translation_mm']:.2f} mm, {reg['rotation_deg']:.2f}°, match r "
+                    f"{reg['match_r'] if reg['match_r'] is not None else float('nan'):.3f}" if reg["converged"]
+                    else f"NOT aligned: {reg['reason']}")
+        elif self.preprocess is not None and not self.preprocess.aligns:  # never: say why
+            text = ("not registered: " + ("alignment off" if not self.cfg.align else "the weights keep no reference "
+                                          "volume") + " (volumes taken to be in the weights' space)")
+        else:
+            text = ""
+        nan = float("nan")
+        return VolumeQuality(
+            aligned=-1 if reg is None else int(bool(reg["converged"])), registration=text,
+            align_mm=nan if reg is None or not reg["converged"] else float(reg["translation_mm"]),
+            align_deg=nan if reg is None or not reg["converged"] else float(reg["rotation_deg"]),
+            align_match_r=nan if reg is None or reg["match_r"] is None else float(reg["match_r"]),
+            overlay_png=overlay_png,
+            agent_id=self.agent_id, condition="+".join(s.condition or s.name for s in self.weights.spaces),
+            tr_index=tr_index, t_ns=time.monotonic_ns(),
+            params=[float(x) for x in qc.params] if qc is not None else [],
+            fd_mm=qc.fd if qc is not None else float("nan"), std_dvars=qc.std_dvars if qc is not None else float("nan"),
+            excluded=tr_index in self.excluded_trs, reason=qc.reason if qc is not None else "",
+            excluded_total=len(self.excluded_trs), volumes=len(self.roi_measured) + len(self.excluded_trs),
+            preprocess_ms=qc.preprocess_ms if qc is not None else float("nan"), process_ms=float(process_ms))
+
     def predicted_array(self) -> np.ndarray:
         """(n_trs, n_voxels) predictions of TRs 0..last closed."""
         return np.stack([self.predictions[t] for t in range(self.predictor.t + 1)]) if self.predictions else \
@@ -257,6 +309,18 @@ class EncodingCore:
             rows.append({**common, "kind": ROI_MEAN, "r": _finite(roi_r[i]), "n_undefined": int(np.isnan(roi_r[i]))})
             rows.append({**common, "kind": VOXEL_MEAN, "r": _finite(mean), "n_undefined": n_undefined})
         return rows
+
+    def registration(self) -> dict | None:
+        """The session's registration to the weights' space (``SessionAlignment.to_dict()``: converged, reason,
+        trans_mm, rot_deg, match_r, overlay path once written), or None (no preprocessing, no weights reference,
+        or no volume yet)."""
+        al = self.preprocess.alignment if self.preprocess is not None else None
+        return None if al is None else al.to_dict()
+
+    def write_qc(self, out_dir: str | Path, stem: str = "encoding") -> list[Path]:
+        """The preprocessing's per-volume QC beside the scores (``LivePreprocess.write_qc``: ``<stem>_motion.tsv``,
+        ``<stem>_tsnr.tsv``, ``<stem>_alignment.json`` + ``.png``); nothing without preprocessing."""
+        return [] if self.preprocess is None else self.preprocess.write_qc(out_dir, stem)
 
     def write_outputs(self, out_dir: str | Path, stem: str = "encoding") -> tuple[Path, Path]:
         """Write ``<stem>_pred.nii.gz`` (4D, zeros outside the mask) and ``<stem>_scores.tsv``."""
@@ -281,6 +345,39 @@ class EncodingCore:
 def _finite(x) -> float:
     x = float(x)
     return x if np.isfinite(x) else float("nan")
+
+
+_OVERLAY_LOCK = threading.Lock()
+"""matplotlib's pyplot is not thread-safe: encoding services running as threads of one process draw in turn."""
+
+
+def _draw_overlay(core: EncodingCore, out_dir: str, stem: str) -> bytes:
+    """Draw the alignment overlay (``<out_dir>/<stem>_alignment.png``; a temporary file when ``out_dir`` is '')
+    and return it for the wire: colours quantized, at most 1100 px wide, halved until it fits
+    ``OVERLAY_MAX_BYTES`` (b"" if it never does)."""
+    import io
+    import tempfile
+
+    from PIL import Image
+
+    from protocols.messages import OVERLAY_MAX_BYTES
+
+    with _OVERLAY_LOCK, tempfile.TemporaryDirectory() as tmp:
+        path = core.preprocess.write_overlay(out_dir or tmp, stem)
+        if not out_dir:
+            core.preprocess.alignment.overlay = ""  # the temporary file is gone when this returns
+        img = Image.open(path).convert("RGB")
+        img.load()
+    width = min(img.width, 1100)
+    while width >= 200:
+        small = img if width == img.width else img.resize((width, max(1, round(img.height * width / img.width))),
+                                                          Image.LANCZOS)
+        buf = io.BytesIO()
+        small.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
+        if buf.tell() <= OVERLAY_MAX_BYTES:
+            return buf.getvalue()
+        width //= 2
+    return b""
 
 
 # --- the ZMQ layer ----------------------------------------------------------------------------
@@ -336,6 +433,14 @@ class EncodingServiceReport:
     """``(kind, agent_id, frame seq or TR index, receipt monotonic ns)`` of the last ``keep_stamps`` inputs."""
     preprocess: PreprocessCounts | None = None
     """Volumes the weights' preprocessing saw and why it excluded some (None: the weights record none)."""
+    registration: dict | None = None
+    """The session's registration to the weights' space (``EncodingCore.registration``: converged, reason,
+    trans_mm, rot_deg, match_r, ``overlay`` PNG path); None without one."""
+    excluded_trs: list[int] = field(default_factory=list)
+    """Measured TRs the preprocessing excluded (not scored)."""
+    preprocess_ms: list[float] = field(default_factory=list)
+    """Wall time of the preprocessing of each measured volume (the last 4096), ms, in arrival order (the first
+    one includes the session's registration to the weights' space)."""
 
 
 def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | None = None, ctx=None,
@@ -345,7 +450,8 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
 
     from protocols import Decoder
     from protocols import Status
-    from services.plumbing.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_TRIGGER,
+    from services.plumbing.transport import (TOPIC_ACTIVATION, TOPIC_BOLD, TOPIC_HEARTBEAT, TOPIC_PREDICTION, TOPIC_QUALITY,
+                                    TOPIC_TRIGGER,
                                     Channel, make_socket, split_topic)
 
     stop = stop or threading.Event()
@@ -376,6 +482,26 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
 
     stamps: deque = deque(maxlen=cfg.keep_stamps)  # bounded: appending costs ~100 ns, nothing when 0
     published = [0]
+    # The overlay is drawn off the loop (matplotlib takes ~1 s, the first time more): a volume must never wait
+    # for a picture. Once ready it goes out once, in a quality message of its own (the newest TR's state).
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    drawer = ThreadPoolExecutor(1, thread_name_prefix="overlay")
+    overlay: list = [None, False]  # [Future of the PNG bytes, sent]
+    last_volume: list = [-1, 0.0]  # tr_index and process_ms of the newest volume's quality message
+
+    def overlay_png() -> bytes:
+        fut = overlay[0]
+        if fut is None or overlay[1] or not fut.done():
+            return b""
+        overlay[1] = True
+        try:
+            return fut.result()
+        except Exception as err:  # noqa: BLE001
+            al = core.preprocess.alignment
+            al.overlay = "-" if cfg.out_dir else ""
+            log.error("encoding: could not draw the alignment overlay: %s", err)
+            return b""
 
     def snapshot() -> dict:
         c = inbox.counters
@@ -386,7 +512,9 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
                          "trs_predicted": len(core.predictions), "trs_scored": core.roi_scores.n,
                          "triggers": len(core.triggers), "late_activations": sum(x.late for x in a)},
             "gauges": {"tr_index": core.predictor.t, "pending_volumes": core.pending_volumes,
-                       "stamps_kept": len(stamps)},
+                       "stamps_kept": len(stamps), "trs_excluded": len(core.excluded_trs),
+                       # 1 registered to the weights' space, 0 failed (volumes excluded), -1 not (yet) / no reference
+                       "aligned": -1 if (reg := core.registration()) is None else int(bool(reg["converged"]))},
             "labels": {"messages_rejected": "code", "inputs_rejected": "kind"},
         }
 
@@ -442,12 +570,28 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
                     elif isinstance(msg, Trigger):
                         core.on_trigger(msg.tr_index, msg.t_ns)
                     elif isinstance(msg, BoldVolume):
-                        publish(core.on_volume(msg.tr_index, msg.data))
+                        t_vol = time.perf_counter_ns()
+                        publish(core.on_volume(msg.tr_index, msg.data, msg.affine))
+                        process_ms = (time.perf_counter_ns() - t_vol) / 1e6
+                        al = core.preprocess.alignment if core.preprocess is not None else None
+                        if al is not None and overlay[0] is None and (cfg.out_dir or pub is not None):
+                            # once, as soon as registered: the report reads the file (registration()["overlay"])
+                            overlay[0] = drawer.submit(_draw_overlay, core, cfg.out_dir, cfg.out_stem)
+                        if pub is not None:  # motion, FD, exclusion, time per volume, registration (topic "quality")
+                            pub.send(core.volume_quality(msg.tr_index, process_ms), topic=TOPIC_QUALITY)
+                            last_volume[:] = [msg.tr_index, process_ms]
                 except InputError as err:
                     core.reject(err)
             publish(core.tick(time.monotonic_ns()))
+            if pub is not None and (png := overlay_png()):
+                pub.send(core.volume_quality(*last_volume, png), topic=TOPIC_QUALITY)
         publish(core.finish())
+        if overlay[0] is not None and not overlay[1]:  # the stream ended before the picture was ready
+            wait([overlay[0]], timeout=60)
+            if pub is not None and (png := overlay_png()):
+                pub.send(core.volume_quality(*last_volume, png), topic=TOPIC_QUALITY)
     finally:
+        drawer.shutdown(wait=True)
         sub.close()
         if pub is not None:
             pub.sock.close()
@@ -456,6 +600,12 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
         if metrics_server is not None:
             metrics_server.shutdown()
     outputs = [str(p) for p in core.write_outputs(cfg.out_dir, cfg.out_stem)] if cfg.out_dir else []
+    if cfg.out_dir:
+        try:  # QC files are for people: a failure to draw one must not lose the scores written above
+            with _OVERLAY_LOCK:  # it draws the overlay again (pyplot: one thread at a time)
+                outputs += [str(p) for p in core.write_qc(cfg.out_dir, cfg.out_stem)]
+        except Exception as err:  # noqa: BLE001
+            log.error("encoding: could not write the preprocessing QC files: %s", err)
     if inbox.counters.rejected:
         log.error("encoding: %d malformed messages rejected: %s", inbox.counters.rejected,
                   inbox.counters.rejected_by_code)
@@ -465,4 +615,6 @@ def run_encoding_service(cfg: EncodingServiceConfig, stop: threading.Event | Non
         received=inbox.counters.received, rejected_messages=inbox.counters.rejected,
         alignment={s.name: dict(a.counts.__dict__) for s, a in zip(core.weights.spaces, core.aligners)},
         stamps=list(stamps), preprocess=core.preprocess.counts if core.preprocess is not None else None,
+        registration=core.registration(), excluded_trs=sorted(core.excluded_trs),
+        preprocess_ms=[q.preprocess_ms for q in core.preprocess.trace] if core.preprocess is not None else [],
     )

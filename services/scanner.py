@@ -13,7 +13,9 @@ and keeps a list of ``StreamEvent`` reports (partial file, late, missing, out-of
   missing slices, gaps, late and out-of-order volumes are reported; the stream goes on.
   DICOM affines are converted from LPS to the NIfTI (RAS) convention.
 * ``SimulatedScanner``: writes the volumes of a 4D NIfTI into a folder at TR pace (what a
-  scanner's export does) and publishes a Trigger at the start of every TR.
+  scanner's export does) and publishes a Trigger at the start of every TR; optionally with the
+  faults of a real scanner room (``encoders.faults``: head motion, drift, physiology, spikes), their
+  true per-TR motion written beside the volumes.
 
 ``publish_stream`` sends each volume as ``protocols.BoldVolume`` on a PUB socket (topic
 ``TOPIC_BOLD``); triggers go out as ``protocols.Trigger`` (``TOPIC_TRIGGER``). Publishers are
@@ -36,6 +38,7 @@ from typing import Iterator
 import numpy as np
 import zmq
 
+from encoders.faults import FaultConfig, apply_faults, fault_schedule, write_motion_tsv
 from protocols import BoldVolume, Trigger
 from services.plumbing.dicom import DicomReadError, SliceAssembler, dicom_seconds, read_dicom
 from services.plumbing.security import CurveConfig, ServerSecurity, check_bind, check_connect, secure_connect
@@ -489,19 +492,32 @@ class SimulatedScannerConfig:
     """TR indices never written (to exercise missing-volume handling)."""
     curve: CurveConfig = field(default_factory=CurveConfig)
     """CURVE keys of the trigger publisher (key pair + allow-list); required off loopback."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Scanner-room faults put on every volume before it is written (``encoders.faults``; default none)."""
+    truth: str = ""
+    """With faults: where the true per-TR motion goes (fMRIPrep columns; default
+    ``<folder>/truth_motion.tsv``, which a FolderSource ignores: not a volume file)."""
 
 
 def run_simulated_scanner(cfg: SimulatedScannerConfig, ctx: zmq.Context | None = None,
                           stop: threading.Event | None = None) -> list[Path]:
-    """Write the run into ``cfg.folder`` at TR pace: trigger at TR start, volume file at TR end."""
+    """Write the run into ``cfg.folder`` at TR pace: trigger at TR start, volume file at TR end (with
+    ``cfg.faults`` on each volume, the true motion written before the first volume)."""
     import nibabel as nib
 
     stop = stop or threading.Event()
     img = nib.load(cfg.bold)
-    tr = float(cfg.tr or img.header.get_zooms()[3] or 2.0) / cfg.speed
+    if len(img.shape) != 4:
+        raise ValueError(f"{cfg.bold} is not a 4D run (shape {img.shape})")
+    tr_native = float(cfg.tr or img.header.get_zooms()[3] or 2.0)
+    tr = tr_native / cfg.speed
     n = img.shape[3] if cfg.n_volumes is None else min(cfg.n_volumes, img.shape[3])
     folder = Path(cfg.folder)
     folder.mkdir(parents=True, exist_ok=True)
+    schedule = None
+    if cfg.faults.active:  # drawn for the whole run up front (pure, from the seed): the truth is known per TR
+        schedule = fault_schedule(cfg.faults, n, tr_native, tuple(img.shape[:3]))
+        write_motion_tsv(cfg.truth or folder / "truth_motion.tsv", schedule.motion)
     pub = (TriggerPublisher(ctx or zmq.Context.instance(), cfg.trigger_endpoint, cfg.curve)
            if cfg.trigger_endpoint else None)
     written = []
@@ -519,7 +535,10 @@ def run_simulated_scanner(cfg: SimulatedScannerConfig, ctx: zmq.Context | None =
                 break
             if k in cfg.skip:
                 continue
-            vol = nib.Nifti1Image(np.asarray(img.dataobj[..., k]), img.affine)
+            data = np.asarray(img.dataobj[..., k])
+            if schedule is not None:
+                data = apply_faults(data, k, schedule, img.affine)
+            vol = nib.Nifti1Image(data, img.affine)
             path = folder / f"vol_{k:05d}.nii"
             nib.save(vol, path)  # written in place, like a scanner export: readers must check completeness
             written.append(path)

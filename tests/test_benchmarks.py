@@ -79,3 +79,14 @@ def test_bench_train_prints_its_throughput_ratio():
     _positive(result, "floor_frames_per_s", "train_rl_frames_per_s", "throughput_ratio")
     assert result["rounds"] == 1 and result["iterations_per_round"] == 1 and len(result["round_ratios"]) == 1
     assert result["game"] == "ALE/Breakout-v5"
+
+
+@pytest.mark.slow
+def test_bench_study_prints_ray_against_sequential():
+    """A 2-subject synthetic study from empty caches on local Ray and sequentially: the same scores, the ratio."""
+    result = _bench("study", "--subjects", "2", "--trs", "20")
+    assert result["bench"] == "study" and result["num_cpus"] == 2 and result["failures"] == 0
+    _positive(result, "study_ratio", "ray_s", "sequential_s", "ray_init_s")
+    assert set(result["ray_stage_s"]) == set(result["sequential_stage_s"]) == {"extract", "fit", "partition",
+                                                                              "score", "group"}
+    assert result["same_cells"] and result["max_score_diff"] < 1e-3  # float32 fits, 2 BLAS threads vs 1: rounding

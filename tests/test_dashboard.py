@@ -205,6 +205,9 @@ def test_dashboard_in_headless_chromium(participant, tmp_path):
             # the encoders' predictions: ROI time courses appear, then grow as TRs close
             p0 = _wait_for(points, 60, "ROI time-course points")
             _wait_for(lambda: points() > p0, 30, "the ROI chart to update")
+            # the encoders' per-volume quality (motion, FD, excluded TRs, time per volume) reaches its panel
+            _wait_for(lambda: int(page.get_attribute("#qc-summary", "data-volumes")) > 0, 30, "the quality panel")
+            assert re.fullmatch(r"\d+(\.\d+)?", page.text_content("#qc-ms-p50")), page.text_content("#qc-summary")
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
     finally:  # run_live cannot be stopped early: it ends with its session, then writes a report
@@ -216,6 +219,11 @@ def test_dashboard_in_headless_chromium(participant, tmp_path):
         dest = dest if dest.is_absolute() else REPO / dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, dest)
+    # TRs were timed by the (simulated) scanner's triggers; the folder's arrivals are reported beside them
+    timing = live.summary["tr_timing"]
+    assert timing["timed_by"] == "triggers" and timing["by_source"].get("simulated", 0) > 0, timing
+    assert timing["fallback_triggers"] == 0 and timing["paired"] > 0 and timing["export_lag_ms_p50"] is not None
+    assert (live.plan.out / "tr_timing.tsv").exists()
     rec = read_recording(live.plan.out / "session.narec")
     meanings = rec.header.action_meanings
     assert meanings == BREAKOUT, meanings

@@ -199,8 +199,6 @@ def test_emulator_restart_agent_and_encoder_reconnect_and_first_recording_replay
     assert v.ok and v.frames_checked == len(rec1.steps) + len(rec1.resets), v.detail
 
 
-@pytest.mark.xfail(strict=False, reason="known bug: the emulator answers heartbeats of a client it dropped, so a "
-                   "thawed agent never notices and never rejoins (services/plumbing/client.py counts any reply as heard)")
 def test_frozen_agent_and_a_flood_bounded_memory_others_unaffected(start_emulator, caplog):
     caplog.set_level(logging.WARNING, logger="neuroarcade.emulator")
     emu = start_emulator(heartbeat_s=0.5)
@@ -237,3 +235,26 @@ def test_frozen_agent_and_a_flood_bounded_memory_others_unaffected(start_emulato
         flood.close(linger=0)
         _stop(fast, frozen)
     emu.stop()
+
+
+def test_a_client_dropped_while_frozen_rejoins_even_with_stale_replies_queued(start_emulator):
+    """The race behind the frozen-agent case, made deterministic: a reply queued before the freeze
+    used to count as 'heard', after which the emulator's echoes kept the dropped client believing it
+    was joined. The echo's ``member = False`` makes it rejoin."""
+    from services.plumbing.client import GameClient
+
+    emu = start_emulator(heartbeat_s=0.2)
+    c = GameClient("sleeper", frames_endpoint=emu.cfg.frames_endpoint, control_endpoint=emu.cfg.control_endpoint)
+    try:
+        c.join(timeout_s=10)
+        _wait(lambda: "sleeper" in _clients(emu), 10, "joined")
+        c._next_beat = 0.0
+        c._service_control()  # a heartbeat goes out; its echo (member) waits unread in the DEALER
+        _wait(lambda: c.dealer.poll(0), 10, "the echo queued")
+        # "frozen": no reads, no beats, until the emulator drops the client
+        _wait(lambda: not "sleeper" in _clients(emu), 10, "dropped")
+        _wait(lambda: (c.next_frame(50), "sleeper" in _clients(emu))[1],
+              10, "the thawed client rejoining")
+        assert c.stats.rejoins >= 1
+    finally:
+        c.close()

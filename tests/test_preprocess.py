@@ -21,7 +21,7 @@ from encoders.preprocess import (MotionCorrector, OnlineGLM, PreprocessConfig, P
                                  clean_series, confound_design, cosine_drift, preprocess_run)
 from neuroarcade.cli import app
 
-CFG = PreprocessConfig()  # defaults: motion correction, constant + 1/128 Hz cosines + motion, warm-up 15
+CFG = PreprocessConfig()  # defaults: motion correction, constant + 1/128 Hz cosines (no motion), warm-up 15
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_config_round_trips_through_flat_json():
 
 @pytest.mark.parametrize("bad, words", [
     ({"confounds": "constant,wobble"}, "confounds must be families among"),
-    ({"motion_correction": False}, "motion_correction is off"),
+    ({"motion_correction": False, "confounds": "constant,motion"}, "motion_correction is off"),
     ({"smoothing_fwhm_mm": -1.0}, "smoothing_fwhm_mm must be ≥ 0"),
     ({"high_pass_hz": 0.0}, "high_pass_hz must be > 0 with the \"drift\" family"),
     ({"dvars_threshold": 0.8}, "dvars_threshold must be 0"),
@@ -144,6 +144,20 @@ def test_streaming_equals_offline_causal(stream, offline_causal):
     assert np.array_equal(np.stack([o.params for o in outs]), offline_causal.motion)
     assert np.allclose([o.fd for o in outs], offline_causal.fd) and np.allclose([o.dvars for o in outs],
                                                                                offline_causal.dvars)
+
+
+def test_streaming_equals_offline_causal_with_staged_motion_regressors(phantom):
+    """The opt-in motion families, staged (they enter the GLM at volume 20): still one computation live and
+    offline-causal, and the design grows by their 12 columns exactly there."""
+    cfg = PreprocessConfig(confounds=("constant", "drift", "motion", "motion_derivatives"), motion_min_volumes=20)
+    pre = Preprocessor(cfg, phantom.affine)
+    outs = [pre.push(v, t * phantom.tr) for t, v in enumerate(phantom.volumes)]
+    offline = preprocess_run(phantom.to_nifti(), cfg, causal=True)
+    assert np.abs(np.stack([o.data for o in outs]) - offline.data).max() <= 1e-5
+    assert [o.reason for o in outs] == offline.reasons
+    times, motion = np.arange(25) * 2.0, np.cumsum(np.full((25, 6), 0.01), axis=0)
+    widths = [confound_design(times[:n], motion[:n], cfg.confounds, cfg.high_pass_hz, 20).shape[1] for n in (19, 20)]
+    assert widths[1] - widths[0] == 12
 
 
 def test_whole_run_mode_keeps_all_but_the_censored_and_z_scores_them(offline, offline_causal):

@@ -161,3 +161,54 @@ def test_report_shows_planted_beside_recovered(run_dir: Path):
     partition = page[page.index("id='partition'"):page.index("id='maps'")]
     assert "<th>unique action planted</th><th>unique action recovered</th>" in partition
     assert "<td>prefrontal</td><td>0.020</td><td>-0.010</td><td>0.450</td><td>0.270</td>" in partition
+
+
+def _write_session_qc(folder: Path, stems: list[str]) -> "object":
+    """A phantom session (slow ramp + one jerk) through the real live preprocessing (``LivePreprocess``) of small
+    weights that keep their reference, its QC files written per stem as the encoding service writes them."""
+    from encoders.fit import FitConfig, fit_encoding
+    from encoders.phantom import PhantomConfig, phantom_run
+    from encoders.preprocess import PreprocessConfig
+    from encoders.stream import LivePreprocess
+    from encoders.weights import PreprocessRecord
+
+    ph = phantom_run(PhantomConfig(shape=(20, 20, 12), voxel_mm=(8.0, 8.0, 8.0), n_volumes=30, jerks=(18,),
+                                   jerk_mm=2.0, jerk_deg=1.0, spikes=(), seed=4))
+    mask = ph.brain > 500
+    rng = np.random.default_rng(0)
+    X = [rng.normal(size=(30, 3)).astype(np.float32) for _ in range(2)]
+    Y = [rng.normal(size=(30, int(mask.sum()))).astype(np.float32) for _ in range(2)]
+    w = fit_encoding(Y, {"a": X}, FitConfig(score=False, progress=False, delays=[0]), mask=mask, affine=ph.affine,
+                     tr=2.0).weights
+    w.preprocessing = PreprocessRecord(mode="causal", config=PreprocessConfig(warmup_trs=5, fd_threshold_mm=0.9,
+                                                                              dvars_threshold=0).to_dict())
+    w.reference = ph.brain
+    live = LivePreprocess(w)
+    for t, vol in enumerate(ph.volumes):
+        live.push(t, vol, 2.0 * t, ph.affine)
+    for stem in stems:
+        live.write_qc(folder, stem)
+    return live
+
+
+def test_report_shows_motion_excluded_trs_tsnr_and_the_alignment_overlay(tmp_path: Path):
+    run = tmp_path / "run"
+    (run / "enc").mkdir(parents=True)
+    _write_tsv(run / "scores.tsv", ["agent", "condition", "roi", "r"], [["vlm-0", "action", "all", 0.3]])
+    live = _write_session_qc(run / "enc", ["vlm-0__action", "vlm-0__reasoning"])  # one session, two encoders
+    excluded = [q.tr_index for q in live.trace if q.excluded]
+    assert 18 in excluded and live.alignment.converged
+    data = load_run(run)
+    assert len(data.quality) == 1 and data.quality[0].streams == ["vlm-0__action", "vlm-0__reasoning"]
+    assert not any(r["source"].endswith("_tsnr.tsv") for r in data.scores)  # QC tables are not scores tables
+    page = write_report(run).read_text()
+    quality = page[page.index("id='quality'"):page.index("id='files'")]
+    assert quality.count("data:image/png;base64,") == 2  # the motion plot and the alignment overlay
+    assert f"{len(excluded)} of 30 TRs excluded" in quality and f"warm-up: {live.counts.warmup}" in quality
+    assert f"FD: {live.counts.fd}" in quality and "18" in quality
+    assert "<th>tSNR median</th>" in quality and "<td>all</td>" in quality
+    assert "registered to the weights' reference" in quality and "vlm-0__action_alignment.png" in quality
+    summary = json.loads((run / "report.json").read_text())["quality"][0]
+    assert summary["excluded"] == excluded and summary["alignment"]["converged"] is True
+    assert summary["overlay"].endswith("vlm-0__action_alignment.png") and summary["preprocess_ms"]["n"] == 30
+    assert summary["tsnr"][0]["roi"] == "all" and summary["tsnr"][0]["tsnr_median"] > 20

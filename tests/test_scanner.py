@@ -225,3 +225,52 @@ def test_scanner_metrics_count_volumes_and_stream_events(tmp_path):
         stop.set()
         streamer.join(60)
     assert sent == [2]
+
+
+def test_simulated_scanner_adds_known_faults_and_writes_their_truth(tmp_path):
+    """--faults: every written volume carries the schedule's motion/drift/spikes; the truth TSV (fMRIPrep columns)
+    is what a realignment of the written volumes recovers."""
+    from encoders.faults import FaultConfig, FaultError, apply_faults, fault_schedule, read_motion_tsv
+    from encoders.motion import prepare_reference, realign
+    from encoders.phantom import PhantomConfig, phantom_run
+
+    ph = phantom_run(PhantomConfig(shape=(24, 24, 12), voxel_mm=(5.0, 5.0, 6.0), n_volumes=1, jerks=(), spikes=(),
+                                   drift=0.0, noise=0.0))
+    n, tr = 12, 2.0
+    img = nib.Nifti1Image(np.repeat(ph.brain[..., None], n, axis=3), ph.affine)
+    img.header["pixdim"][4] = tr
+    nib.save(img, tmp_path / "still.nii.gz")
+    faults = FaultConfig.parse("realistic,physio=0,seed=7")
+    cfg = SimulatedScannerConfig(bold=str(tmp_path / "still.nii.gz"), folder=str(tmp_path / "export"), speed=200.0,
+                                 faults=faults)
+    written = run_simulated_scanner(cfg)
+    assert len(written) == n
+    truth_tsv = tmp_path / "export" / "truth_motion.tsv"
+    header = truth_tsv.read_text().splitlines()[0].split("\t")
+    assert header == ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"]
+    sched = fault_schedule(faults, n, tr, ph.brain.shape)
+    truth = read_motion_tsv(truth_tsv)
+    np.testing.assert_allclose(truth, sched.motion, atol=1e-7)
+    vols = [np.asarray(nib.load(p).dataobj) for p in written]
+    np.testing.assert_allclose(vols[5], apply_faults(ph.brain, 5, sched, ph.affine), rtol=1e-6)
+    ref = prepare_reference(vols[0], ph.affine)
+    est = np.stack([realign(v, ref, ph.affine).params for v in vols])
+    assert np.abs(truth[:, :3]).max() > 1.0 and np.median(np.abs(est - truth)[:, :3]) < 0.1
+    assert np.rad2deg(np.median(np.abs(est - truth)[:, 3:])) < 0.1
+    # a FolderSource watching the export ignores the truth file (not a volume)
+    src = FolderSource(tmp_path / "export", tr=tr, settle_s=0.0, idle_timeout_s=0.3, n_volumes=n)
+    assert [v.tr_index for v in src] == list(range(n)) and not src.events
+    # bad fault settings: one clear error naming the setting
+    for bad, words in (("motion_mm=-1", "motion_mm"), ("wobble=2", "unknown fault setting"),
+                       ("jerks=1.5", "jerks=1.5"), ("chaotic", "unknown preset"), ("max_deg=45", "max_deg")):
+        with pytest.raises(FaultError, match=words):
+            FaultConfig.parse(bad)
+    with pytest.raises(FaultError, match="shape"):  # a volume of another geometry than the schedule's
+        apply_faults(np.ones((8, 8, 8), np.float32), 1, fault_schedule(FaultConfig(physio=0.01), n, tr, (24, 24, 12)),
+                     ph.affine)
+    with pytest.raises(FaultError, match="outside"):
+        apply_faults(ph.brain, n, sched, ph.affine)
+    nib.save(nib.Nifti1Image(ph.brain, ph.affine), tmp_path / "one.nii.gz")  # a 3-D file is no run to simulate
+    with pytest.raises(ValueError, match="not a 4D run"):
+        run_simulated_scanner(SimulatedScannerConfig(bold=str(tmp_path / "one.nii.gz"), folder=str(tmp_path / "x"),
+                                                     faults=faults))

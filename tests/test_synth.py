@@ -115,3 +115,37 @@ def test_synth_records_gameplay_linked_from_events(app, tmp_path):
     rec = read_recording(stim)
     assert len(rec.triggers) >= 6 and rec.header.game == "ALE/Pong-v5"
     assert len(rec.frames()) == 6 * 2 * 60 // 4 + 1  # 12 s of game at 15 Hz, plus the reset frame
+
+
+def test_synth_with_faults_writes_moved_runs_and_their_true_motion(app, tmp_path):
+    from encoders.faults import FaultConfig, fault_schedule, read_motion_tsv
+    from encoders.synth import SynthConfig, generate
+
+    out = tmp_path / "faulty"
+    res = CliRunner().invoke(app, ["synth", str(out), "--runs", "2", "--trs", "20", "--voxel-mm", "14", "--seed", "4",
+                                   "--faults", "realistic,seed=3"])
+    assert res.exit_code == 0, res.output
+    truth_dir = out / "derivatives" / "truth"
+    faults = FaultConfig.parse("realistic,seed=3")
+    for run in (1, 2):
+        tsv = truth_dir / f"sub-01_task-game_run-{run}_desc-truemotion_timeseries.tsv"
+        motion = read_motion_tsv(tsv)
+        assert motion.shape == (20, 6) and np.all(motion[0] == 0)
+        # run N draws its faults with seed + N (pure: the schedule is reproducible from the config)
+        np.testing.assert_allclose(motion, fault_schedule(faults.replace(seed=3 + run), 20, 2.0, (1, 1, 1)).motion,
+                                   atol=1e-7)
+    meta = json.loads((truth_dir / "truth.json").read_text())["faults"]
+    assert meta["config"]["jerks"] == 2 and len(meta["runs"]["run-1"]["spikes"]) == 2
+    img = nib.load(out / "sub-01" / "func" / "sub-01_task-game_run-1_bold.nii.gz")
+    mask = np.asarray(nib.load(out / "derivatives" / "atlas" / "mask.nii.gz").dataobj) > 0
+    data = np.asarray(img.dataobj)
+    clean = generate(SynthConfig(n_runs=2, n_trs=20, voxel_mm=14, seed=4)).bold[0].T
+    # volume 0 is the unmoved reference (only physiology, ≤ 2 %, on it); later ones moved and drifted
+    assert (np.abs(data[mask][:, 0] - clean[:, 0]) / clean[:, 0]).max() < 0.02
+    assert np.abs(data[mask][:, -1] - clean[:, -1]).mean() > 0.02 * clean.mean()
+    assert (data[~mask][:, -1] > 0).any()  # the head moved into voxels outside the fit mask
+
+    # a bad fault setting: one error line naming it, exit 2, nothing written
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "bad"), "--runs", "1", "--trs", "6", "--faults", "jerks=-1"])
+    assert res.exit_code == 2 and "error: fault setting jerks must be ≥ 0" in res.output
+    assert not (tmp_path / "bad").exists()

@@ -13,7 +13,7 @@ import typer
 
 from services.plumbing.transport import DEFAULT_ACTIVATIONS, DEFAULT_CONTROL, DEFAULT_FRAMES
 
-models_app = typer.Typer(no_args_is_help=True, help="Local models: build the offline tiny VLM/LAM.")
+models_app = typer.Typer(no_args_is_help=True, help="Local models: build an offline tiny VLM/LAM of any supported family.")
 
 
 def _csv(value: str) -> list[str]:
@@ -22,7 +22,8 @@ def _csv(value: str) -> list[str]:
 
 def agent(
     kind: str = typer.Option(..., help="rl or vlm."),
-    model: str = typer.Option("", help="VLM: hub name or local dir (e.g. from `models build-tiny`)."),
+    model: str = typer.Option("", help="VLM: hub name, local dir (e.g. from `models build-tiny`) or preset "
+                                       "(qwen2.5-vl-7b, internvl3-8b, ui-tars-7b-dpo, os-atlas-pro-7b)."),
     checkpoint: str = typer.Option("", help="RL: CleanRL .cleanrl_model or SB3 zip ('' = random Nature-CNN)."),
     algo: str = typer.Option("ppo", help="RL architecture without a checkpoint: ppo or dqn."),
     agent_id: str = typer.Option("", help="Client id (default: '<kind>-0')."),
@@ -71,6 +72,7 @@ def agent(
 
         setup_logging(verbose=True, json_logs=True)
 
+    from agents.families import ModelError
     from agents.spec import AgentSpec, build_agent
     from agents.vlm import BACKENDS
     from agents.vllm_backend import VllmUnavailable
@@ -94,7 +96,7 @@ def agent(
                      record_dir=record, activations_endpoint=activations)
     try:
         built = build_agent(spec)
-    except VllmUnavailable as err:  # a missing vLLM install: its advice, not a traceback
+    except (VllmUnavailable, ModelError) as err:  # a missing vLLM install, a model we cannot run: one line
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     service = AgentService(built, AgentServiceConfig(
@@ -129,13 +131,21 @@ def agent(
 @models_app.command("build-tiny")
 def build_tiny_cmd(
     out_dir: str = typer.Argument(..., help="Directory to write the model into."),
-    variant: str = typer.Option("vlm", help="vlm (Qwen2.5-VL) or lam (Qwen2-VL, stands in for UI-TARS/OS-Atlas)."),
+    family: str = typer.Option("", help="Model family: qwen2_5_vl, qwen2_vl, internvl, llava_onevision, idefics3, "
+                                        "gemma3 (transformers model_type names)."),
+    variant: str = typer.Option("vlm", help="Alias kept for old scripts: vlm (= qwen2_5_vl) or lam (= qwen2_vl, "
+                                            "stands in for UI-TARS/OS-Atlas); --family wins."),
     seed: int = typer.Option(0, help="Weight seed (same seed → identical files)."),
 ) -> None:
-    """Build a tiny random-weight VLM offline that loads like a hub checkpoint."""
-    from agents.tiny import TinyConfig, build_tiny
+    """Build a tiny random-weight VLM offline that loads like a hub checkpoint of its family."""
+    from agents.tiny import TinyConfig, build_tiny, resolve_family
 
-    path = build_tiny(out_dir, variant, TinyConfig(seed=seed))
+    try:
+        name = resolve_family(family or variant)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    path = build_tiny(out_dir, name, TinyConfig(seed=seed))
     print(path)
 
 

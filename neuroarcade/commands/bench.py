@@ -43,10 +43,15 @@ def agent(
         except VllmUnavailable as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+    from agents.families import ModelError
     from benchmarks.agent import main
 
-    main(model=model or None, seconds=seconds, conditions=conditions, game=game, backend=backend,
-         vllm_url=vllm_url or None)
+    try:
+        main(model=model or None, seconds=seconds, conditions=conditions, game=game, backend=backend,
+             vllm_url=vllm_url or None)
+    except ModelError as err:  # a model the agent cannot run: one line, no traceback
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -117,3 +122,17 @@ def preprocess(
 
     main(volumes=volumes, shape=shape, voxel_mm=voxel_mm, large_volumes=large_volumes, large_shape=large_shape,
          large_voxel_mm=large_voxel_mm, order=order)
+
+
+@app.command()
+def study(
+    subjects: int = typer.Option(3, help="Subjects of the synthetic study (recorded and extracted once, untimed)."),
+    runs: int = typer.Option(3, help="Runs per subject."),
+    trs: int = typer.Option(24, help="Volumes per run (TR 1 s)."),
+    num_cpus: int = typer.Option(2, help="Ray CPUs, and the threads of the sequential run's fits."),
+    keep: str = typer.Option("", help="Keep the dataset and both runs in this folder ('' = a temp folder)."),
+) -> None:
+    """A small study on local Ray vs the same tasks sequentially in one process (same total threads)."""
+    from benchmarks.study import main
+
+    main(subjects=subjects, runs=runs, trs=trs, num_cpus=num_cpus, keep=keep)

@@ -25,6 +25,24 @@ Several feature spaces (--features plus --space NAME F1 F2 …, or several space
 jointly with banded ridge; with two spaces --partition adds variance partitioning."""
 
 
+FAULTS_HELP = ("Scanner-room faults on every volume: a preset (realistic: 1.5 mm/1.5° slow drift + 2 jerks of "
+               "1.5 mm/1.5°, capped at 3 mm/3°, 3 % gain drift, physiology, 2 spikes) and/or key=value pairs, "
+               "comma-separated: motion_mm, motion_deg, jerks, jerk_mm, jerk_deg, max_mm, max_deg, drift_linear, "
+               "drift_quadratic, physio, spikes, spike_size, spike_slices, interp_order, seed (e.g. "
+               "realistic,spikes=0 or motion_mm=2,jerks=1). The true per-TR motion is written beside the outputs "
+               "(fMRIPrep columns). Default: none.")
+
+
+def _faults_or_exit(text: str):
+    """``--faults`` as an ``encoders.faults.FaultConfig``; a bad setting is one error line, exit 2."""
+    from encoders.faults import FaultConfig, FaultError
+
+    try:
+        return FaultConfig.parse(text)
+    except FaultError as e:
+        _fail(e)
+
+
 def _fit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuroarcade fit", description=FIT_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +206,8 @@ def register(app: typer.Typer) -> None:
         curve_secret: str = typer.Option("", help="CURVE: our *.key_secret file (required off loopback)."),
         curve_allow: str = typer.Option("", help="CURVE: folder of *.key files allowed to subscribe."),
         metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port (127.0.0.1)."),
+        slices_per_volume: Optional[int] = typer.Option(None, min=1, help="Single-slice DICOM series (one file per slice: GE, Philips, non-mosaic Siemens): slices per volume. Only an override: by default it comes from the headers (ImagesInAcquisition) or is learned from the instance numbers' period."),
+        faults: str = typer.Option("", help="Simulated: " + FAULTS_HELP + " Truth: FOLDER/truth_motion.tsv."),
     ) -> None:
         """Stream BOLD volumes over ZMQ from a recorded run, a live export folder, or a simulated scanner."""
         import threading
@@ -197,6 +217,8 @@ def register(app: typer.Typer) -> None:
         from services.scanner import (FolderSource, RecordedSource, SimulatedScannerConfig, publish_stream,
                                       run_simulated_scanner)
 
+        if faults and source != "simulated":
+            _fail(f"--faults: only the simulated scanner adds faults (source {source!r})")
         curve = _curve_or_exit(curve_secret, curve_allow,
                                binds=[endpoint, trigger_endpoint if source == "simulated" else ""])
         ctx = zmq.Context()
@@ -216,10 +238,12 @@ def register(app: typer.Typer) -> None:
                 tr = tr or float(nib.load(str(bold)).header.get_zooms()[3])
                 scfg = SimulatedScannerConfig(bold=str(bold), folder=str(folder), tr=tr, speed=speed or 1.0,
                                               n_volumes=n_volumes, trigger_endpoint=trigger_endpoint,
-                                              wait_subscribers=wait_subscribers, curve=curve)
+                                              wait_subscribers=wait_subscribers, curve=curve,
+                                              faults=_faults_or_exit(faults))
                 sim = threading.Thread(target=run_simulated_scanner, args=(scfg, ctx), daemon=True)
                 sim.start()
-            src = FolderSource(folder, tr=(tr or 2.0) / (speed or 1.0), n_volumes=n_volumes)
+            src = FolderSource(folder, tr=(tr or 2.0) / (speed or 1.0), n_volumes=n_volumes,
+                               slices_per_volume=slices_per_volume)
         else:
             raise typer.BadParameter(f"source must be recorded, live or simulated, not {source!r}")
         try:
@@ -280,6 +304,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Random seed."),
         record: bool = typer.Option(False, help="Also record gameplay per run (headless emulator, random agent)."),
         game: str = typer.Option("ALE/Pong-v5", help="Game of the recorded gameplay (with --record)."),
+        faults: str = typer.Option("", help=FAULTS_HELP
+                                   + " Truth: derivatives/truth/*_desc-truemotion_timeseries.tsv."),
     ) -> None:
         """Synthetic participant session: BIDS BOLD from a planted encoding model, features, atlas, truth."""
         from encoders.synth import SynthConfig, generate, write_bids
@@ -295,9 +321,10 @@ def register(app: typer.Typer) -> None:
                             controller_seed=run_seed, tr_s=tr, meta={"synthetic": "true", "run": path.name})
             return path
 
+        fault_cfg = _faults_or_exit(faults)
         session = generate(SynthConfig(n_runs=runs, n_trs=trs, tr=tr, voxel_mm=voxel_mm, repeat_runs=repeat_runs,
                                        seed=seed))
-        paths = write_bids(session, out, record=record_run if record else None)
+        paths = write_bids(session, out, record=record_run if record else None, faults=fault_cfg)
         typer.echo(f"wrote {out}: {len(paths['bold'])} runs × {trs} TRs, {int(session.mask.sum())} voxels; "
                    f"truth in {out / 'derivatives' / 'truth'}")
 
@@ -315,7 +342,9 @@ def preprocess(
     tr: Optional[float] = typer.Option(None, help="TR in s (default: the NIfTI header)."),
     dummy_scans: int = typer.Option(0, help="Volumes at the start to drop."),
     high_pass: float = typer.Option(1 / 128, help="Cut-off of the cosine drift basis, Hz (0 = no drift regressors)."),
-    motion_correction: bool = typer.Option(True, help="Realign the volumes (and regress the motion parameters)."),
+    motion_correction: bool = typer.Option(True, help="Realign the volumes."),
+    motion_regressors: bool = typer.Option(False, help="Also regress the 6 motion parameters (off by default: "
+                                                       "fitted causally they remove signal; encoders/README.md)."),
     motion_derivatives: bool = typer.Option(False, help="Also regress the motion parameters' derivatives."),
     fwhm: float = typer.Option(0.0, help="Gaussian smoothing FWHM, mm (0 = off)."),
     standardize: bool = typer.Option(True, help="Standardise each voxel's residuals."),
@@ -329,7 +358,7 @@ def preprocess(
     from encoders.preprocess import PreprocessConfig, preprocess_file
 
     confounds = ["constant"] + (["drift"] if high_pass > 0 else [])
-    confounds += (["motion"] if motion_correction else []) + (["motion_derivatives"] if motion_derivatives else [])
+    confounds += (["motion"] if motion_regressors else []) + (["motion_derivatives"] if motion_derivatives else [])
     try:
         cfg = PreprocessConfig(motion_correction=motion_correction, reference="given" if reference else "first",
                                dummy_scans=dummy_scans, high_pass_hz=high_pass, confounds=tuple(confounds),

@@ -14,6 +14,9 @@ from typing import Optional
 
 import typer
 
+from neuroarcade.commands.dashboard import KEYMAP_HELP, SERIAL_PORT_HELP, TRIGGER_KEY_HELP, participant_inputs
+from neuroarcade.commands.encoding import FAULTS_HELP
+
 
 def register(app: typer.Typer) -> None:
     app.command()(demo)
@@ -99,13 +102,19 @@ def synth_participant(
     trs: int = typer.Option(60, help="Volumes per run."),
     model: str = typer.Option("", help="VLM ('' = build the tiny offline Qwen2.5-VL)."),
     seed: int = typer.Option(0, help="Seed of everything random."),
+    faults: str = typer.Option("", help="Scanner-room faults on the written runs (then the weights are fitted on "
+                                        "them preprocessed as live, and record it). " + FAULTS_HELP
+                                        + " Truth: derivatives/truth/*_desc-truemotion_timeseries.tsv."),
 ) -> None:
     """A synthetic participant whose BOLD is planted on a VLM's action/reasoning-prompt features (unique-action,
     unique-reasoning and shared parts per ROI), with fitted weights per agent and condition; `replay-session` then
     shows the planted beside the recovered scores."""
     from pipelines.session import ParticipantConfig, make_participant
 
-    p = make_participant(out, ParticipantConfig(game=game, runs=runs, trs=trs, model=model, seed=seed))
+    from neuroarcade.commands.encoding import _faults_or_exit
+
+    p = make_participant(out, ParticipantConfig(game=game, runs=runs, trs=trs, model=model, seed=seed,
+                                                faults=_faults_or_exit(faults)))
     typer.echo(f"{p.root}: {len(p.runs)} runs, weights {', '.join(p.weights)}; held-out {p.runs[-1]['run']}")
 
 
@@ -118,15 +127,47 @@ def live(
     game: str = typer.Option("ALE/Breakout-v5", help="Game the participant plays."),
     out: Path = typer.Option(Path("runs/live"), help="Output folder."),
     dashboard_port: int = typer.Option(8000, help="Dashboard port (keyboard play for the participant)."),
+    trigger_key: str = typer.Option("5", help=TRIGGER_KEY_HELP),
+    keymap: str = typer.Option("", help=KEYMAP_HELP),
+    serial_port: str = typer.Option("", help=SERIAL_PORT_HELP),
+    serial_baud: int = typer.Option(115200, help="Serial line speed of --serial-port."),
+    serial_char: str = typer.Option("5", help="Character that marks a pulse on --serial-port (one byte; \\x35 allowed)."),
+    min_trigger_interval: float = typer.Option(0.1, help="Trigger pulses closer than this (s) to the previous one "
+                                                         "are dropped and counted."),
+    tr_fallback: bool = typer.Option(True, help="Time TRs from the export folder's arrival times while no trigger "
+                                                "has come (reported beside the triggers either way)."),
+    slices_per_volume: Optional[int] = typer.Option(None, min=1, help="Single-slice DICOM series (one file per slice: GE, Philips, non-mosaic Siemens): slices per volume. Only an override: by default it comes from the headers (ImagesInAcquisition) or is learned from the instance numbers' period."),
+    faults: str = typer.Option("", help="With --simulate: " + FAULTS_HELP + " Truth: OUT/truth_motion.tsv."),
 ) -> None:
     """Scanner-side demo: the participant plays in the browser, the export folder is watched, agents run
-    alongside, predictions and running scores appear live; a report at the end."""
+    alongside, predictions and running scores appear live; a report at the end. TRs are timed by the scanner's
+    triggers (the sync box's keypress on the page, a serial line, or --simulate's), else by the folder."""
     from pipelines.session import LivePlan, Participant, run_live
+    from services.plumbing.serial_trigger import SerialTriggerError
 
+    from neuroarcade.commands.encoding import _faults_or_exit
+
+    if faults and simulate is None:
+        typer.echo("error: --faults: only the simulated scanner adds faults (give --simulate RUN.nii.gz)", err=True)
+        raise typer.Exit(2)
+    fault_cfg = _faults_or_exit(faults)
+    inputs = participant_inputs(trigger_key, keymap, serial_port, serial_baud, serial_char, min_trigger_interval)
     p = Participant.load(participant)
-    summary = run_live(LivePlan(p, scanner_folder, out, game=game, duration_s=duration, simulate=simulate,
-                                dashboard_port=dashboard_port), progress=typer.echo)
+    try:
+        summary = run_live(LivePlan(p, scanner_folder, out, game=game, duration_s=duration, simulate=simulate,
+                                    dashboard_port=dashboard_port, inputs=inputs, tr_fallback=tr_fallback,
+                                    slices_per_volume=slices_per_volume, faults=fault_cfg),
+                           progress=typer.echo)
+    except SerialTriggerError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     _print_summary(summary, False)
+    timing = summary.get("tr_timing")
+    if timing:
+        ms = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+        typer.echo(f"TRs timed by {timing['timed_by']}: {timing['triggers']} triggers {timing['by_source']}, "
+                   f"{timing['volumes']} volumes; export folder lag behind the triggers p50 "
+                   f"{ms(timing['export_lag_ms_p50'])} ms, max {ms(timing['export_lag_ms_max'])} ms")
 
 
 def _port_free(port: int) -> bool:

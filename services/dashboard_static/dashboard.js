@@ -55,25 +55,36 @@ function drawFrame(buf) {
   el.textContent = String(seq); el.dataset.seq = String(seq);
 }
 
-// --- keyboard play --------------------------------------------------------------------------------------
+// --- keyboard play and the scanner trigger key ----------------------------------------------------------
+// The server maps held keys to the game's action (arrows/WASD + space, or the --keymap of a button box)
+// and stamps a trigger keypress when it arrives; the page only says which keys are down, in press order.
 const KEYS = {ArrowUp: "UP", ArrowDown: "DOWN", ArrowLeft: "LEFT", ArrowRight: "RIGHT", " ": "FIRE",
               w: "UP", s: "DOWN", a: "LEFT", d: "RIGHT"};
-const held = new Set();
-function sendKeys() {
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({type: "keys", buttons: [...held]}));
-}
+const normKey = (k) => (k.length === 1 ? k.toLowerCase() : k);  // as services.dashboard.normalize_key
+let held = [];  // keys down, oldest first
+function send(obj) { if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(obj)); }
+function sendKeys() { send({type: "keys", keys: held}); }
+function keymapOf(s) { return Object.fromEntries(((s && s.inputs && s.inputs.keymap) || []).map(([k, a]) => [k, a])); }
 function onKey(ev, down) {
-  if (!state || !state.play || !state.play.enabled) return;
-  const b = KEYS[ev.key];
-  if (!b) return;
+  if (!state) return;
+  const k = normKey(ev.key), inp = state.inputs || {};
+  if (inp.trigger_key && k === inp.trigger_key) {  // the sync box's pulse: never a game key
+    ev.preventDefault();
+    if (down && !ev.repeat) send({type: "trigger", key: ev.key});
+    return;
+  }
+  if (!state.play || !state.play.enabled) return;
+  const km = keymapOf(state);
+  if (!(Object.keys(km).length ? k in km : k in KEYS)) return;
   ev.preventDefault();
-  const had = held.has(b);
-  if (down) held.add(b); else held.delete(b);
+  const had = held.includes(k);
+  if (down && !had) held.push(k);
+  if (!down) held = held.filter((x) => x !== k);
   if (had !== down) sendKeys();
 }
 window.addEventListener("keydown", (e) => onKey(e, true));
 window.addEventListener("keyup", (e) => onKey(e, false));
-window.addEventListener("blur", () => { held.clear(); sendKeys(); });
+window.addEventListener("blur", () => { held = []; sendKeys(); });
 
 // --- rendering of a snapshot ------------------------------------------------------------------------------
 function render() {
@@ -96,20 +107,47 @@ function render() {
   const clients = e.clients || {};
   $("emu-clients").innerHTML = Object.keys(clients).length
     ? Object.entries(clients).map(([k, v]) => `<span class="chip">${esc(k)}: ${esc(v)}</span>`).join(" ") : "–";
-  renderPlay(s.play || {}, meanings);
+  renderPlay(s.play || {}, meanings, s.inputs || {});
+  renderTriggers(s.inputs || {});
+  renderQuality(s.quality || {});
   renderClock(s.scanner || {});
   renderAgents(s.agents || {}, meanings, f.seq);
   renderStreams(s.streams || {});
   $("counts").textContent = Object.entries(s.counts || {}).map(([k, v]) => `${k}: ${v}`).join("   ") || "–";
 }
 
-function renderPlay(p, meanings) {
+function renderPlay(p, meanings, inp) {
   $("play").classList.toggle("hidden", !p.enabled);
   if (!p.enabled) return;
   $("play-role").textContent = p.role === "controller" ? "you control the game" : `role: ${p.role || "–"}`;
-  $("play-keys").textContent = held.size ? [...held].join("+") : "none";
+  const km = inp.keymap || [], unplayable = new Set(p.unplayable_keys || []);
+  $("play-help").textContent = km.length ? "Click the game, then press the buttons:"
+    : "Click the game, then ←↑→↓ to move, space = FIRE.";
+  const table = $("play-keymap");
+  table.classList.toggle("hidden", !km.length);
+  const rows = km.map(([k, a]) => `<tr class="${unplayable.has(k) ? "unplayable" : ""}" data-key="${esc(k)}" data-action="${esc(a)}"` +
+    ` title="${unplayable.has(k) ? "not an action of this game" : ""}"><td class="k mono">${esc(k === " " ? "space" : k)}</td>` +
+    `<td>→</td><td class="mono">${esc(a)}</td></tr>`).join("");
+  if (table.dataset.rows !== rows) { table.innerHTML = rows; table.dataset.rows = rows; }
+  $("play-keys").textContent = held.length ? held.map((k) => (k === " " ? "space" : k)).join("+") : "none";
   $("play-action").textContent = p.action_name || "–";
   $("play-sent").textContent = String(p.actions_sent || 0);
+}
+
+function renderTriggers(inp) {
+  const on = !!inp.trigger_key || !!inp.serial_port;
+  $("triggers").classList.toggle("hidden", !on);
+  if (!on) return;
+  $("trigger-key").textContent = [inp.trigger_key ? `key "${inp.trigger_key}"` : "", inp.serial_port ? `serial ${inp.serial_port}` : ""]
+    .filter(Boolean).join(" + ");
+  const bySrc = inp.triggers_by_source || {}, n = Object.values(bySrc).reduce((a, b) => a + b, 0);
+  $("trigger-count").textContent = String(n); $("trigger-count").dataset.n = String(n);
+  $("trigger-sources").textContent = n ? `(${Object.entries(bySrc).map(([k, v]) => `${k} ${v}`).join(", ")})` : "";
+  $("trigger-last").textContent = inp.last_trigger_tr ?? "–";
+  const notes = [];
+  if (inp.triggers_debounced) notes.push(`${inp.triggers_debounced} dropped: within ${fmt(inp.min_trigger_interval_s, 2)} s of the previous pulse`);
+  if (inp.triggers_lost) notes.push(`${inp.triggers_lost} lost: emulator unreachable`);
+  $("trigger-dropped").textContent = notes.join(" · ");
 }
 
 function renderClock(sc) {
@@ -198,6 +236,11 @@ function lineChart(canvas, opt) {
   ctx.textAlign = "center"; ctx.fillText(opt.xlabel, m.l + pw / 2, H - 11);
   ctx.save(); ctx.translate(10, m.t + ph / 2); ctx.rotate(-Math.PI / 2); ctx.fillText(opt.ylabel, 0, 0); ctx.restore();
   ctx.save(); ctx.beginPath(); ctx.rect(m.l, m.t, pw, ph); ctx.clip();
+  if (opt.marks && opt.marks.length) {  // shaded TRs (e.g. excluded volumes)
+    const w = Math.max(2, xhi > xlo ? pw / (xhi - xlo) : 4);
+    ctx.fillStyle = "rgba(214, 39, 40, 0.22)";
+    for (const x of opt.marks) ctx.fillRect(X(x) - w / 2, m.t, w, ph);
+  }
   for (const s of opt.series) {
     ctx.strokeStyle = s.color; ctx.lineWidth = s.width || 1.5; ctx.setLineDash(s.dash || []);
     ctx.beginPath(); let pen = false;
@@ -264,6 +307,59 @@ function renderScores(streams, keys, roiNames) {
     keys.map((k) => `<td class="mono">${fmt((streams[k].scores || [])[i], 3)}</td>`).join("") + `</tr>`).join("");
   const ntr = `<tr><td class="dim">TRs</td>` + keys.map((k) => `<td class="mono dim">${streams[k].tr.length} (last ${streams[k].last_tr})</td>`).join("") + `</tr>`;
   $("scores-table").innerHTML = `<table class="scores">${head}${rows}${ntr}</table>`;
+}
+
+// --- scanner quality: motion, FD, exclusions, processing time per volume --------------------------------------
+const MOTION_COLORS = ["#d62728", "#2ca02c", "#1f77b4"];
+function renderQuality(quality) {
+  const keys = Object.keys(quality).sort(), sel = $("qc-stream");
+  if ([...sel.options].map((o) => o.value).join("|") !== keys.join("|")) {
+    const cur = sel.value;
+    sel.innerHTML = keys.map((k) => `<option value="${esc(k)}">${esc(k)}</option>`).join("");
+    if (keys.includes(cur)) sel.value = cur;
+  }
+  const q = quality[sel.value];
+  if (!q) return;
+  renderAlignment(sel.value, q);
+  const excl = q.tr.filter((t, i) => q.excluded[i]);
+  const reasons = Object.entries(q.reasons || {}).map(([r, n]) => `${r} ${n}`).join(", ");
+  const box = $("qc-summary");
+  box.dataset.volumes = String(q.volumes); box.dataset.excluded = String(q.excluded_total);
+  const fdShown = q.fd.filter((x) => x !== null);
+  box.innerHTML = `volumes <b class="mono">${q.volumes}</b> (last TR ${q.last_tr ?? "–"}) · ` +
+    `TRs excluded <span class="excl mono" id="qc-excluded">${q.excluded_total}</span>${reasons ? ` (${esc(reasons)})` : ""} · ` +
+    `FD max <b class="mono">${fmt(fdShown.length ? Math.max(...fdShown) : null, 2)}</b> mm · ` +
+    `processing per volume p50 <b class="mono" id="qc-ms-p50">${fmt(q.process_ms_p50, 1)}</b> ms, ` +
+    `max <b class="mono">${fmt(q.process_ms_max, 1)}</b> ms`;
+  const xr = [q.tr.length ? q.tr[0] : 0, q.tr.length ? Math.max(q.tr[q.tr.length - 1], q.tr[0] + 1) : 1];
+  const col = (j, scale) => q.params.map((p) => (p && p.length > j && p[j] !== null ? p[j] * scale : null));
+  const deg = 180 / Math.PI;
+  lineChart($("qc-trans"), {series: ["x", "y", "z"].map((a, j) => ({x: q.tr, y: col(j, 1), color: MOTION_COLORS[j]})),
+    xrange: xr, title: "translation (mm)", subtitle: "x red · y green · z blue", xlabel: "TR index", ylabel: "mm", marks: excl});
+  lineChart($("qc-rot"), {series: ["x", "y", "z"].map((a, j) => ({x: q.tr, y: col(j + 3, deg), color: MOTION_COLORS[j]})),
+    xrange: xr, title: "rotation (°)", subtitle: "pitch red · roll green · yaw blue", xlabel: "TR index", ylabel: "degrees", marks: excl});
+  lineChart($("qc-fd"), {series: [{x: q.tr, y: q.fd, color: "#111"}], xrange: xr, title: "framewise displacement (mm)",
+    subtitle: "red: excluded", xlabel: "TR index", ylabel: "FD mm", marks: excl});
+  lineChart($("qc-time"), {series: [{x: q.tr, y: q.process_ms, color: "#2f6db5"}, {x: q.tr, y: q.preprocess_ms, color: "#9aa3b0", dash: [4, 3]}],
+    xrange: xr, title: "time per volume (ms)", subtitle: "whole · - - preprocessing", xlabel: "TR index", ylabel: "ms"});
+}
+$("qc-stream").addEventListener("change", () => state && renderQuality(state.quality || {}));
+
+// The session's registration to the weights' space (once per session) and its overlay image, per stream.
+function renderAlignment(key, q) {
+  const box = $("qc-align"), chip = $("qc-align-state"), a = q.aligned ?? -1;
+  box.dataset.aligned = String(a);
+  chip.textContent = a === 1 ? "aligned" : a === 0 ? "NOT aligned" : q.registration ? "not registered" : "not yet";
+  chip.className = "chip" + (a === 1 ? " ok" : a === 0 ? " bad" : "");
+  $("qc-align-text").textContent = a === 1
+    ? `translation ${fmt(q.align_mm, 2)} mm · rotation ${fmt(q.align_deg, 2)}° · match r ${fmt(q.align_match_r, 3)}`
+    : (q.registration || "").replace(/^NOT aligned:\s*/, "");
+  const img = $("qc-overlay");
+  if (!q.overlay) { img.classList.add("hidden"); img.removeAttribute("src"); img.dataset.src = ""; return; }
+  const src = "/api/overlay.png?stream=" + encodeURIComponent(key) + "&v=" + q.overlay +
+    (token ? "&token=" + encodeURIComponent(token) : "");
+  if (img.dataset.src !== src) { img.dataset.src = src; img.src = src; }
+  img.classList.remove("hidden");
 }
 
 // --- brain map --------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 SUB socket for frames (keep-newest: a slow client skips stale frames, it never works through a
 backlog), DEALER socket for Hello / Action / Heartbeat / Bye. Rejoins by itself when the
-emulator restarts: a frame from a new session, or silence for 3 heartbeats, triggers a fresh
-Hello (the DEALER is reopened, Lazy-Pirate style, so nothing queued for the dead peer lingers).
+emulator restarts or drops it: a frame from a new session, silence for 3 heartbeats, or a heartbeat
+echo saying it is no longer a member (it was frozen past 3 beats) triggers a fresh Hello (the DEALER is reopened, Lazy-Pirate style, so nothing queued for the dead peer lingers).
 """
 
 from __future__ import annotations
@@ -154,9 +154,12 @@ class GameClient:
 
     def _service_control(self) -> None:
         """Read replies without blocking; send a heartbeat when due; rejoin after 3 silent beats."""
+        dropped = False
         while self.dealer.poll(0):
             msg = self.control.decode(self.control.recv_parts())
             self._last_heard = time.monotonic()
+            if isinstance(msg, Heartbeat) and not msg.member:
+                dropped = True  # the emulator dropped us (we were frozen past 3 beats): frames still flow
             if isinstance(msg, Error):
                 self.stats.add_error(f"{msg.code}: {msg.detail}")
                 log.warning("%s: emulator says %s: %s", self.client_id, msg.code, msg.detail)
@@ -170,7 +173,7 @@ class GameClient:
             except zmq.Again:
                 pass
             self._next_beat = now + beat_s
-        if now - self._last_heard > 3 * beat_s:
+        if dropped or now - self._last_heard > 3 * beat_s:
             self._last_heard = now
             self._rejoin()
 

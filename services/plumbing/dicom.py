@@ -550,6 +550,19 @@ class SliceAssembler:
                 seen.append((p, sl.instance))
         return False
 
+    def _run_constant_key(self, s: _Series) -> bool:
+        """Locked on acquisition keys with a known slice count (e.g. ``slices_per_volume`` emitted the first
+        volume at once): does a waiting slice fall in an emitted volume by its AcquisitionNumber but in a new one
+        by its InstanceNumber? Then the AcquisitionNumber is the run's, not the volume's (GE), and the instance
+        key ``(InstanceNumber − 1) // n`` (which gives the emitted volumes the same keys) takes over."""
+        for sl, _ in s.open:
+            key = self._key(s, sl)
+            if key is not None and s.closed.get(key) == "emitted" and sl.instance is not None:
+                by_instance = self._key(s, sl, "instance")
+                if by_instance is not None and by_instance not in s.closed:
+                    return True
+        return False
+
     def _learn_period(self, s: _Series) -> None:
         """Instance keys: slices per volume = the instance gap a → b where b is at a's position and
         every instance from a to b − 1 is there, at distinct positions (so the gap is one volume, not two)."""
@@ -576,6 +589,8 @@ class SliceAssembler:
                 s.n, s.n_from = s.ref.images_in_acquisition, "ImagesInAcquisition"
             if s.n is None and s.mode == "instance":
                 self._learn_period(s)
+        elif s.mode == "acquisition" and s.n and "instance" in s.modes and self._run_constant_key(s):
+            s.mode_i = s.modes.index("instance")  # GE: one AcquisitionNumber for the run, seen only after a volume
         groups, _ = self._groups(s)
         # slices of closed volumes, and second slices at one position
         for key, items in list(groups.items()):

@@ -26,6 +26,7 @@ TOPIC_ACTION = b"action"  # agents re-publish their decisions for sinks
 TOPIC_BOLD = b"bold"
 TOPIC_TRIGGER = b"trigger"
 TOPIC_PREDICTION = b"prediction"
+TOPIC_QUALITY = b"quality"  # encoder: VolumeQuality per measured volume (motion, FD, exclusion, time)
 TOPIC_HEARTBEAT = b"heartbeat"
 
 # Default loopback endpoints (PROTOCOL.md, "Sockets").
