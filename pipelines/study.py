@@ -222,6 +222,16 @@ def _check_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:
                    f"unknown key (known: {', '.join(sorted(allowed))})")
 
 
+def _check_table(path: Path, key: str, table: Any, allowed: set[str], required: tuple[str, ...]) -> dict:
+    """One ``[[array]]`` entry: a table with no unknown key and every required one."""
+    _typed(path, key, table, dict, "a table")
+    _check_keys(path, key, table, allowed)
+    for req in required:
+        if req not in table:
+            raise _err(path, f"{key}.{req}", "required")
+    return table
+
+
 def _typed(path: Path, key: str, value: Any, kind: type | tuple, what: str) -> Any:
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise _err(path, key, f"must be {what}, got {value!r}")
@@ -293,11 +303,7 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     allowed_agent = {f.name for f in fields(AgentConfig)}
     for i, a in enumerate(agents_raw):
         key = f"agents[{i}]"
-        _typed(path, key, a, dict, "a table")
-        _check_keys(path, key, a, allowed_agent)
-        for req in ("name", "kind"):
-            if req not in a:
-                raise _err(path, f"{key}.{req}", "required")
+        _check_table(path, key, a, allowed_agent, ("name", "kind"))
         name = _typed(path, f"{key}.name", a["name"], str, "a string")
         kind = _typed(path, f"{key}.kind", a["kind"], str, "a string")
         model = _typed(path, f"{key}.model", a.get("model", ""), str, "a string")
@@ -354,21 +360,13 @@ def load_study_config(path: str | os.PathLike) -> StudyConfig:
     parts = []
     for i, t in enumerate(raw.get("partition", [])):
         key = f"partition[{i}]"
-        _typed(path, key, t, dict, "a table")
-        _check_keys(path, key, t, {"model", "a", "b"})
-        for req in ("model", "a", "b"):
-            if req not in t:
-                raise _err(path, f"{key}.{req}", "required")
+        _check_table(path, key, t, {"model", "a", "b"}, ("model", "a", "b"))
         parts.append(PartitionPair(*(_typed(path, f"{key}.{k}", t[k], str, "a string") for k in ("model", "a", "b"))))
 
     comps = []
     for i, t in enumerate(raw.get("comparisons", [])):
         key = f"comparisons[{i}]"
-        _typed(path, key, t, dict, "a table")
-        _check_keys(path, key, t, {"name", "a", "b"})
-        for req in ("name", "a", "b"):
-            if req not in t:
-                raise _err(path, f"{key}.{req}", "required")
+        _check_table(path, key, t, {"name", "a", "b"}, ("name", "a", "b"))
         sides = []
         for s in ("a", "b"):
             side = _typed(path, f"{key}.{s}", t[s], dict, "a table of column = value (e.g. {model = \"vlm\"})")

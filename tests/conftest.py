@@ -79,3 +79,25 @@ def start_emulator(tmp_path: Path):
     for r in running:
         if r.thread.is_alive():
             r.stop()
+
+
+def feed_live(weights, features, vols, *, tr: float, layer: int, preprocess: bool = True):
+    """The encoding service's core fed as a live session would feed it: every TR's trigger, one decision per TR
+    (``features`` (T, D) as Activation messages of ``layer``), then the T measured ``vols``; returns the core."""
+    from encoders.synth import decisions_for_run, trigger_times_ns
+    from protocols import Activation
+    from services.encoding import CoreConfig, EncodingCore
+
+    core = EncodingCore(weights, CoreConfig(preprocess=preprocess))
+    trig = trigger_times_ns(len(vols), tr, start_ns=10**12)
+    vecs, frame_t = decisions_for_run(features, trig, tr, per_tr=1)
+    for t, t_ns in enumerate(trig):
+        core.on_trigger(t, int(t_ns))
+    for i, (v, ft) in enumerate(zip(vecs, frame_t)):
+        core.on_activation(Activation(agent_id="a", model="synthetic", condition="action", layers=[layer],
+                                      pooling="mean", frame_seqs=[i], t_ns=int(ft), vectors=v[None],
+                                      frame_t_ns=int(ft)))
+    core.finish()
+    for t in range(len(vols)):
+        core.on_volume(t, vols[t])
+    return core

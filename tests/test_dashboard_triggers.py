@@ -239,25 +239,10 @@ def test_quality_message_round_trips_and_keeps_nan():
 
 def test_encoder_publishes_motion_fd_exclusion_and_time_per_volume():
     """EncodingCore.volume_quality after each volume of a moving phantom (the live path's preprocessing)."""
-    from encoders.fit import FitConfig, fit_encoding
-    from encoders.phantom import PhantomConfig, phantom_run
-    from encoders.preprocess import PreprocessConfig
-    from encoders.weights import PreprocessRecord
     from services.encoding import CoreConfig, EncodingCore
 
     n, jerk = 16, 12
-    ph = phantom_run(PhantomConfig(shape=(20, 20, 12), voxel_mm=(6.0, 6.0, 6.0), n_volumes=n, jerks=(jerk,),
-                                   jerk_mm=2.0, jerk_deg=1.0, ramp_mm=0.5, ramp_deg=0.5, drift=0.0, noise=0.0,
-                                   spikes=(), exact=False, seed=2))
-    mask = ph.brain > 500
-    rng = np.random.default_rng(0)
-    X = [rng.normal(size=(n, 3)).astype(np.float32) for _ in range(2)]
-    Y = [(x @ rng.normal(size=(3, int(mask.sum())))).astype(np.float32) for x in X]
-    w = fit_encoding(Y, {"action": X}, FitConfig(score=False, progress=False, delays=[0]), mask=mask,
-                     affine=ph.affine, tr=2.0, provenance={"action": {"model": "m", "condition": "action",
-                                                                      "pooling": "mean", "layer": 1}}).weights
-    w.preprocessing = PreprocessRecord(mode="causal", config=PreprocessConfig(
-        warmup_trs=4, fd_threshold_mm=0.9, dvars_threshold=0.0).to_dict())
+    ph, w = _phantom_session(n, jerk=jerk, reference=False)
     core = EncodingCore(w, CoreConfig())
     msgs = []
     for t in range(n):
@@ -274,15 +259,17 @@ def test_encoder_publishes_motion_fd_exclusion_and_time_per_volume():
     assert all(m.aligned == -1 and "no reference" in m.registration and not m.overlay_png for m in msgs)
 
 
-def _phantom_session(n: int, seed: int = 2):
-    """A moving phantom head (slow ramp) and weights fitted on it: their reference is its unmoved brain."""
+def _phantom_session(n: int, seed: int = 2, jerk: int | None = None, reference: bool = True):
+    """A moving phantom head (slow ramp; a 2 mm / 1° jerk at volume ``jerk`` if given) and weights fitted on it
+    with causal preprocessing; ``reference``: the weights keep its unmoved brain as their reference volume."""
     from encoders.fit import FitConfig, fit_encoding
     from encoders.phantom import PhantomConfig, phantom_run
     from encoders.preprocess import PreprocessConfig
     from encoders.weights import PreprocessRecord
 
-    ph = phantom_run(PhantomConfig(shape=(20, 20, 12), voxel_mm=(6.0, 6.0, 6.0), n_volumes=n, jerks=(),
-                                   ramp_mm=0.5, ramp_deg=0.5, drift=0.0, noise=0.0, spikes=(), exact=False, seed=seed))
+    ph = phantom_run(PhantomConfig(shape=(20, 20, 12), voxel_mm=(6.0, 6.0, 6.0), n_volumes=n,
+                                   jerks=() if jerk is None else (jerk,), jerk_mm=2.0, jerk_deg=1.0, ramp_mm=0.5,
+                                   ramp_deg=0.5, drift=0.0, noise=0.0, spikes=(), exact=False, seed=seed))
     mask = ph.brain > 500
     rng = np.random.default_rng(0)
     X = [rng.normal(size=(n, 3)).astype(np.float32) for _ in range(2)]
@@ -292,7 +279,8 @@ def _phantom_session(n: int, seed: int = 2):
                                                                       "pooling": "mean", "layer": 1}}).weights
     w.preprocessing = PreprocessRecord(mode="causal", config=PreprocessConfig(
         warmup_trs=4, fd_threshold_mm=0.9, dvars_threshold=0.0).to_dict())
-    w.reference = ph.brain.copy()
+    if reference:
+        w.reference = ph.brain.copy()
     return ph, w
 
 

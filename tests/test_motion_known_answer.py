@@ -23,9 +23,9 @@ from encoders.phantom import PhantomConfig, phantom_run
 from encoders.plant import RoiPlant, plant
 from encoders.preprocess import preprocess_run
 from encoders.stream import LivePreprocess
-from encoders.synth import decisions_for_run, faulted_fit_preprocess, preprocess_for_fit, trigger_times_ns
-from protocols import Activation
-from services.encoding import CoreConfig, EncodingCore
+from encoders.synth import faulted_fit_preprocess, preprocess_for_fit
+from services.encoding import EncodingCore
+from tests.conftest import feed_live
 
 TR, N, RUNS, DIM = 2.0, 100, 4, 12
 SHAPE, VOXEL_MM = (32, 32, 16), (4.0, 4.0, 5.0)
@@ -140,20 +140,7 @@ def held_out(session):
 
 
 def _live(weights, features: np.ndarray, vols: np.ndarray, preprocess: bool = True) -> EncodingCore:
-    """The encoding service's core fed as live: triggers, one decision per TR, then the measured volumes."""
-    core = EncodingCore(weights, CoreConfig(preprocess=preprocess))
-    trig = trigger_times_ns(N, TR, start_ns=10**12)
-    vecs, frame_t = decisions_for_run(features, trig, TR, per_tr=1)
-    for t, t_ns in enumerate(trig):
-        core.on_trigger(t, int(t_ns))
-    for i, (v, ft) in enumerate(zip(vecs, frame_t)):
-        core.on_activation(Activation(agent_id="a", model="synthetic", condition="action", layers=[1],
-                                      pooling="mean", frame_seqs=[i], t_ns=int(ft), vectors=v[None],
-                                      frame_t_ns=int(ft)))
-    core.finish()
-    for t in range(N):
-        core.on_volume(t, vols[t])
-    return core
+    return feed_live(weights, features, vols, tr=TR, layer=1, preprocess=preprocess)
 
 
 def _matched_r(core: EncodingCore, trs: list[int]) -> float:

@@ -16,10 +16,9 @@ from scipy.spatial.transform import Rotation
 from encoders.fit import FitConfig, fit_encoding
 from encoders.phantom import PhantomConfig, phantom_run
 from encoders.preprocess import PreprocessConfig
-from encoders.synth import decisions_for_run, trigger_times_ns
 from encoders.weights import PreprocessRecord
-from protocols import Activation
-from services.encoding import CoreConfig, EncodingCore
+from services.encoding import EncodingCore
+from tests.conftest import feed_live
 
 TR, N, JERK = 2.0, 60, 40
 
@@ -66,20 +65,8 @@ def case():
     return w, X[2], clean.astype(np.float32), moved.astype(np.float32)
 
 
-def _run(weights, X, vols, preprocess=True) -> EncodingCore:
-    core = EncodingCore(weights, CoreConfig(preprocess=preprocess))
-    trig = trigger_times_ns(N, TR, start_ns=10**12)
-    vecs, frame_t = decisions_for_run(X, trig, TR, per_tr=1)
-    for t, t_ns in enumerate(trig):
-        core.on_trigger(t, int(t_ns))
-    for i, (v, ft) in enumerate(zip(vecs, frame_t)):
-        core.on_activation(Activation(agent_id="a", model="synthetic", condition="action", layers=[5],
-                                      pooling="mean", frame_seqs=[i], t_ns=int(ft), vectors=v[None],
-                                      frame_t_ns=int(ft)))
-    core.finish()
-    for t in range(N):
-        core.on_volume(t, vols[t])
-    return core
+def _run(weights, features: np.ndarray, vols: np.ndarray, preprocess: bool = True) -> EncodingCore:
+    return feed_live(weights, features, vols, tr=TR, layer=5, preprocess=preprocess)
 
 
 def test_live_preprocessing_recovers_the_score_under_motion_and_drift(case):
